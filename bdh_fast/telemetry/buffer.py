@@ -1,0 +1,52 @@
+"""The on-device step buffer: every step's metrics stay on the accelerator until a flush.
+
+`record` writes one row of a preallocated (window, metrics) float32 tensor with a device-to-device
+copy: no host sync. `flush` moves the filled rows to pinned host memory with ONE non_blocking copy
+and ONE wait, and returns every step with its own values (nothing averaged away).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepBuffer:
+    def __init__(self, names: list[str], window: int, device: torch.device):
+        self.names = list(names)
+        self.window = window
+        self.device = device
+        self.values = torch.zeros(window, len(names), dtype=torch.float32, device=device)  # (W, M)
+        self.host = torch.zeros(window, len(names), dtype=torch.float32,
+                                pin_memory=device.type == "cuda")  # (W, M)
+        self.steps: list[int] = []
+        self.host_values: list[dict[str, float]] = []  # values the host already knows (lr, ...)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) == self.window
+
+    def record(self, step: int, values: torch.Tensor, host_values: dict[str, float] | None = None) -> None:
+        """Store one step. values: (M,) on the device, in `names` order. Never syncs."""
+        if self.full:
+            raise RuntimeError("StepBuffer is full: flush() before recording more steps")
+        self.values[len(self.steps)].copy_(values, non_blocking=True)
+        self.steps.append(step)
+        self.host_values.append(host_values or {})
+
+    def flush(self) -> list[tuple[int, dict[str, float]]]:
+        """All buffered steps as (step, {name: value}), oldest first; empties the buffer."""
+        n = len(self.steps)
+        if n == 0:
+            return []
+        # SYNC POINT (flush): one device->host copy of the whole window, then one wait for it.
+        self.host[:n].copy_(self.values[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        rows = self.host[:n].tolist()  # host memory: no device access
+        out = [(step, {**dict(zip(self.names, row)), **extra})
+               for step, row, extra in zip(self.steps, rows, self.host_values)]
+        self.steps, self.host_values = [], []
+        return out

@@ -1,0 +1,371 @@
+"""`python -m bdh_fast.train`: train BDH with torch.compile and near-zero-cost telemetry.
+
+This file wires the parts together and owns the step loop. The loop never reads a tensor value on
+the host between flushes (DESIGN.md invariant 1): every per-step metric is recorded into the
+on-device StepBuffer, and the host sees it only at a flush, every --log_train_freq steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+from bdh_fast import checkpoint
+from bdh_fast.config import PRESETS, RunConfig, parse_flags, resolve
+from bdh_fast.data import ByteDataset, decode, encode, resolve_data_path
+from bdh_fast.errors import UserError
+from bdh_fast.model import BDH
+from bdh_fast.telemetry.backends import Logger, make_logger, parse_backends
+from bdh_fast.telemetry.buffer import StepBuffer
+from bdh_fast.telemetry.grads import GradNorms
+from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
+from bdh_fast.telemetry.throughput import StepTimer, flops_per_token, peak_tflops
+
+PARAM_GROUPS = {  # optimizer parameter groups (same hyper-parameters; named for per-group norms)
+    "embeddings": ["embed.weight", "lm_head"],
+    "neurons": ["encoder", "encoder_v", "decoder"],
+}
+FINAL_PROMPT = "To be or "  # the reference train.py's closing sample
+FINAL_SAMPLE_TOKENS = 100
+
+
+class Interrupted(Exception):
+    """Raised in the main thread by SIGTERM (Ctrl-C raises KeyboardInterrupt)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config(argv: Sequence[str] | None) -> tuple[RunConfig, dict[str, Any] | None]:
+    """Flags -> RunConfig; with --resume, the checkpoint's config is the base."""
+    parser, explicit = parse_flags(argv)
+    state = None
+    base = None
+    if "resume" in explicit:
+        path = checkpoint.locate(explicit["resume"])
+        state = checkpoint.load(path)
+        checkpoint.check_model_flags(state["config"], explicit, path)
+        # The run continues in the checkpoint's own directory, under its own name.
+        base = {**state["config"], "out_dir": str(path.parent.parent), "run_name": path.parent.name}
+        explicit = {k: v for k, v in explicit.items() if k not in ("out_dir", "run_name")}
+    try:
+        config = resolve(explicit, cuda_available=torch.cuda.is_available(), base=base)
+    except UserError as e:
+        parser.error(str(e))
+    return config, state
+
+
+def pick_device(config: RunConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def pick_dtype(config: RunConfig, device: torch.device) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def lr_lambda(config: RunConfig):
+    """Multiplier of --lr at each step: linear warmup, then constant, cosine or linear decay to
+    --min_lr over the remaining steps."""
+    floor = config.min_lr / config.lr
+
+    def factor(it: int) -> float:
+        if it < config.warmup_iters:
+            return (it + 1) / config.warmup_iters
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
+        if config.lr_schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - (1 - floor) * progress
+
+    return factor
+
+
+def make_optimizer(model: BDH, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    params = dict(model.named_parameters())
+    groups = [{"params": [params[n] for n in names], "name": g} for g, names in PARAM_GROUPS.items()]
+    # fused: one kernel for the whole update, and it honours `found_inf` (skip on device, no sync).
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+
+def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: int | None) -> str:
+    why = "" if config.device != "auto" else (" (CUDA GPU found)" if device.type == "cuda" else " (no CUDA GPU found)")
+    preset = f"preset {config.preset}" if config.preset else "custom"
+    line = (f"bdh_fast: {device.type}{why}, {preset}: L{config.n_layer} D{config.n_embd} "
+            f"H{config.n_head} m{config.mlp_mult}, B{config.batch_size} T{config.block_size}, "
+            f"{config.max_iters} iters, {dtype}, compile {'on' if config.compile else 'off'}")
+    if resumed_step is not None:
+        line += f", resuming from step {resumed_step}"
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None):
+        self.config = config
+        self.device = pick_device(config)
+        self.dtype = pick_dtype(config, self.device)
+        self.start_step = resume_state["step"] if resume_state else 0
+        self.run_dir = pathlib.Path(config.out_dir) / config.run_name
+        self.ckpt_path = self.run_dir / checkpoint.CKPT_NAME
+        if resume_state is None and self.ckpt_path.exists():
+            raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} "
+                            "to continue it, or another --run_name")
+        backend_names = parse_backends(config.log_backend)
+        self.data = ByteDataset(resolve_data_path(config.data), config.block_size, config.batch_size,
+                                config.val_fraction, self.device, config.seed)
+        print(announce(config, self.device, self.dtype, resume_state and self.start_step), flush=True)
+        torch.manual_seed(config.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = BDH(config.model_config()).to(self.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        # Train the compiled module; keep `self.model` for state_dict() and generation.
+        self.train_model = torch.compile(self.model, dynamic=False) if config.compile else self.model
+        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == "float16" else None
+        if resume_state is not None:
+            self._restore(resume_state)
+
+        self.grad_norms = GradNorms(list(self.model.named_parameters()), PARAM_GROUPS, self.device)
+        self.buffer = StepBuffer(["train/loss", *self.grad_norms.names, "nonfinite"],
+                                 config.log_train_freq, self.device)
+        self.timer = StepTimer(self.device)
+        self.tokens_per_step = config.batch_size * config.block_size
+        self.flops_per_token = flops_per_token(config.model_config(), config.block_size)
+        self.peak_tflops = peak_tflops(self.device, self.dtype, config.peak_tflops)
+        self.skip_nonfinite = config.on_nonfinite in ("stop", "skip") and self.scaler is None
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resolved = {**config.to_dict(), "resolved_device": str(self.device),
+                         "resolved_dtype": self.dtype, "n_params": self.n_params,
+                         "data_path": str(self.data.path), "world_size": 1,
+                         "flops_per_token": self.flops_per_token}
+        checkpoint.save_json(self.run_dir / "config.json", self.resolved)
+        self.logger: Logger = make_logger(
+            backend_names, str(self.run_dir), self.resolved,
+            self.start_step + 1 if resume_state else None,
+            wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
+            wandb_mode=config.wandb_mode, run_name=config.run_name,
+            wandb_log_checkpoints=config.wandb_log_checkpoints)
+        self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" else 0.0)
+        self.gpu.start()
+
+        self.step = self.start_step
+        self.console_losses: list[float] = []
+        self.first_nonfinite: int | None = None
+        self.saved_step: int | None = None
+        self.measured_from = self.start_step + 1  # first step (compile) is timed apart
+        self.compile_s: float | None = None
+        self.progress = None
+        self.console_closed = False
+        if config.progress and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.progress = tqdm(total=config.max_iters, initial=self.start_step, unit="step",
+                                 dynamic_ncols=True, leave=False)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.data.load_state_dict(rng["data"])
+
+    # --- one step: no host sync anywhere in here ------------------------------------------------
+
+    def train_step(self, step: int) -> None:
+        self.timer.start()
+        x, y = self.data.get_batch("train")
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            _, loss = self.train_model(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
+        nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(norms[0]))
+        if self.skip_nonfinite:
+            self.optimizer.found_inf = nonfinite.float()  # the fused step skips itself on device
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.buffer.record(step, torch.cat([loss.detach().float().view(1), norms,
+                                            nonfinite.float().view(1)]), {"train/lr": lr})
+        self.timer.stop()
+
+    # --- flush: the one place per window where the host reads training values ------------------
+
+    def flush(self) -> None:
+        rows = self.buffer.flush()  # SYNC POINT: one copy + one wait per window
+        if not rows:
+            return
+        times_ms = self.timer.read_ms()
+        window = {**self.gpu.window_means(), **cuda_memory_stats(self.device)}
+        for (step, values), step_ms in zip(rows, times_ms):
+            if values.pop("nonfinite") and self.first_nonfinite is None:
+                self.first_nonfinite = step
+            if step >= self.measured_from + 1 or (step == self.measured_from and self.compile_s is None):
+                values["perf/step_ms"] = step_ms
+                values["perf/tokens_per_sec"] = self.tokens_per_step / (step_ms / 1e3)
+                if self.peak_tflops:
+                    values["perf/mfu"] = (self.flops_per_token * values["perf/tokens_per_sec"]
+                                          / (self.peak_tflops * 1e12))
+            if step == rows[-1][0]:
+                values.update(window)
+            self.logger.log_metrics(values, step)
+            self.console_losses.append(values["train/loss"])
+            if step % self.config.log_freq == 0 or step == self.config.max_iters:
+                mean = sum(self.console_losses) / len(self.console_losses)
+                self.console(f"Step: {step}/{self.config.max_iters} loss {mean:.3}")
+                self.console_losses = []
+        if self.progress is not None:
+            self.progress.update(rows[-1][0] - self.progress.n)
+        if self.first_nonfinite is not None:
+            message = f"non-finite loss or gradient norm at step {self.first_nonfinite}"
+            if self.config.on_nonfinite == "stop":
+                raise UserError(f"{message}; stopping (--on_nonfinite stop). "
+                                f"The last good checkpoint is kept: {self.ckpt_path}")
+            self.console(f"warning: {message} ({'update skipped' if self.skip_nonfinite else 'update applied'})")
+            self.first_nonfinite = None if self.config.on_nonfinite == "skip" else self.first_nonfinite
+
+    def console(self, line: str) -> None:
+        if self.console_closed:
+            return
+        try:
+            if self.progress is not None:
+                self.progress.write(line)
+            else:
+                print(line, flush=True)
+        except BrokenPipeError:  # `... | head`: keep training, stop printing
+            self.console_closed = True
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        self.flush()  # metrics up to here reach the host first, and non-finite steps are known
+        if self.first_nonfinite is not None and self.config.on_nonfinite == "warn":
+            self.console(f"not saving a checkpoint at step {self.step}: weights may be non-finite")
+            return
+        rng = {"torch": torch.get_rng_state(), "data": self.data.state_dict()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step,
+                 "config": self.config.to_dict(), "rng": rng}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        checkpoint.save(self.ckpt_path, state)
+        self.saved_step = self.step
+        if self.config.wandb_log_checkpoints:
+            self.logger.log_artifact(str(self.ckpt_path), f"{self.config.run_name}-ckpt", "model")
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        config = self.config
+        flush_every = config.log_train_freq
+        for step in range(self.start_step + 1, config.max_iters + 1):
+            t0 = time.perf_counter()
+            self.train_step(step)
+            self.step = step
+            if step == self.measured_from and config.compile:
+                self.flush()  # SYNC POINT: the first step includes compilation; time it apart
+                self.compile_s = time.perf_counter() - t0
+                self.console(f"compile: {self.compile_s:.1f} s (first step, compilation included)")
+            if len(self.buffer) == flush_every or step % config.log_freq == 0 or step == config.max_iters:
+                self.flush()
+            if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
+                self.save_checkpoint()
+
+    def sample(self, prompt: str, tokens: int, top_k: int | None) -> str:
+        # SYNC POINT (sampling): generation reads tokens back to the host.
+        idx = torch.tensor([encode(prompt)], dtype=torch.long, device=self.device)
+        self.model.eval()
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = self.model.generate(idx, tokens, top_k=top_k)
+        finally:
+            self.model.train()
+        return decode(out[0].tolist())
+
+    def close(self) -> None:
+        """Every exit path: flush what is buffered, close backends and the sampler."""
+        with contextlib.suppress(Exception):
+            if self.first_nonfinite is None:
+                self.flush()
+        if self.progress is not None:
+            self.progress.close()
+        self.gpu.close()
+        self.logger.finish()
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    config, resume_state = resolve_config(argv)
+    trainer = Trainer(config, resume_state)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        trainer.fit()
+        trainer.save_checkpoint()
+        trainer.console("Training done")
+        trainer.console(trainer.sample(FINAL_PROMPT, FINAL_SAMPLE_TOKENS, top_k=3))
+        return 0
+    except (KeyboardInterrupt, Interrupted):
+        trainer.flush()
+        trainer.save_checkpoint()
+        print(f"interrupted at step {trainer.step}; checkpoint saved to {trainer.ckpt_path}; "
+              f"continue with --resume {trainer.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

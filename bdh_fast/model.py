@@ -53,19 +53,46 @@ def rope_frequencies(n: int) -> torch.Tensor:
     return 1.0 / (ROPE_THETA ** (q / n)) / (2 * math.pi)
 
 
-def rope(v: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2k, 2k+1) of v's last axis by the angle 2 pi frac(phases).
+def rope_angles(phases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sign * sin) of the angles 2 pi frac(phases), sign = (-1, +1) per pair.  # (T, N) each"""
+    angle = (phases % 1) * (2 * math.pi)  # (T, N) float32
+    sign = (torch.arange(phases.size(-1), device=phases.device) % 2).float() * 2 - 1  # -1, +1, ...
+    return torch.cos(angle), sign * torch.sin(angle)
 
-    v: (..., T, N); phases: (T, N) float32, in turns. Products are cast back to v's dtype before the
-    sum, as in the reference. rotate(v)[2k] = v[2k] cos - v[2k+1] sin and
-    rotate(v)[2k+1] = v[2k+1] cos + v[2k] sin, computed as v * cos + swap_pairs(v) * (sign * sin)
-    with sign = (-1, +1) per pair: the same IEEE products (negation is exact), but a layout
-    inductor turns into one vectorised loop (the strided stack of the reference does not vectorise).
+
+@torch.library.custom_op("bdh_fast::rope_tables", mutates_args=())
+def rope_tables(freqs: torch.Tensor, t0: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_angles at positions t0 .. t0+T-1.  freqs: (N,) -> two (T, N) float32 tables.
+
+    A custom op so that torch.compile treats it as one opaque call: the tables are then computed
+    once per forward and read by every layer, instead of inductor inlining cos/sin into each
+    (B, nh, T, N) consumer and recomputing them B * nh times per layer, forward and backward.
     """
-    angle = (phases % 1) * (2 * math.pi)  # (T, N)
-    sign = 1.0 - 2.0 * (torch.arange(v.size(-1), device=v.device) % 2 == 0).float()  # (N,) -1, +1, ...
+    positions = torch.arange(t0, t0 + T, device=freqs.device, dtype=torch.float32)
+    return rope_angles(positions[:, None] * freqs)  # phases (T, N), in turns
+
+
+@rope_tables.register_fake
+def _rope_tables_fake(freqs: torch.Tensor, t0: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return freqs.new_empty(T, freqs.size(0)), freqs.new_empty(T, freqs.size(0))
+
+
+def rotate(v: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """rotate(v)[2k] = v[2k] cos - v[2k+1] sin, rotate(v)[2k+1] = v[2k+1] cos + v[2k] sin.
+
+    v: (..., T, N); cos, sin_signed: (T, N) from rope_angles. Computed as
+    v * cos + swap_pairs(v) * (sign * sin): the same IEEE products as the reference's strided
+    stack (negation is exact), in a layout inductor turns into one vectorised loop. Products are
+    cast back to v's dtype before the sum, as in the reference.
+    """
     swapped = v.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., T, N): v[2k+1], v[2k], ...
-    return (v * torch.cos(angle)).to(v.dtype) + (swapped * (sign * torch.sin(angle))).to(v.dtype)
+    return (v * cos).to(v.dtype) + (swapped * sin_signed).to(v.dtype)
+
+
+def rope(v: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2k, 2k+1) of v's last axis by 2 pi frac(phases).
+    v: (..., T, N); phases: (T, N) float32, in turns."""
+    return rotate(v, *rope_angles(phases))
 
 
 class LinearAttention(nn.Module):
@@ -75,13 +102,15 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.register_buffer("freqs", rope_frequencies(config.neurons_per_head), persistent=False)
 
-    def phases(self, t0: int, T: int) -> torch.Tensor:
-        positions = torch.arange(t0, t0 + T, device=self.freqs.device, dtype=torch.float32)
-        return positions[:, None] * self.freqs  # (T, N)
+    def tables(self, t0: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.freqs, t0, T)  # (T, N) each
 
-    def forward(self, x_s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        T = x_s.size(-2)
-        qr = rope(x_s, self.phases(0, T))  # (B, nh, T, N)
+    def forward(self, x_s: torch.Tensor, v: torch.Tensor,
+                tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x_s: (B, nh, T, N), v: (B, 1, T, D) -> (B, nh, T, D). `tables` (positions 0..T-1) may be
+        passed in so that all layers share one computation."""
+        cos, sin_signed = tables if tables is not None else self.tables(0, x_s.size(-2))
+        qr = rotate(x_s, cos, sin_signed)  # (B, nh, T, N)
         scores = (qr @ qr.mT).tril(diagonal=-1)  # (B, nh, T, T)
         return scores @ v  # (B, nh, T, D)
 
@@ -109,9 +138,10 @@ class BDH(nn.Module):
         B, T = idx.shape
         nh, N, D = self.config.n_head, self.config.neurons_per_head, self.config.n_embd
         x = self.ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        tables = self.attn.tables(0, T)  # RoPE cos / sin, (T, N) each, shared by all layers
         for _ in range(self.config.n_layer):
             x_s = F.relu(x @ self.encoder)  # (B, nh, T, N)
-            a = self.ln(self.attn(x_s, x))  # (B, nh, T, D)
+            a = self.ln(self.attn(x_s, x, tables))  # (B, nh, T, D)
             y_s = F.relu(a @ self.encoder_v)  # (B, nh, T, N)
             xy = self.drop(x_s * y_s)  # (B, nh, T, N)
             m = xy.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder  # (B, 1, T, D)

@@ -151,9 +151,13 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_state)
 
-        self.grad_norms = GradNorms(list(self.model.named_parameters()), PARAM_GROUPS, self.device)
-        self.buffer = StepBuffer(["train/loss", *self.grad_norms.names, "nonfinite"],
-                                 config.log_train_freq, self.device)
+        # With --log_backend none nothing reads the norms: compute them only to clip.
+        self.telemetry = backend_names != ["none"]
+        self.grad_norms = None
+        if self.telemetry or config.grad_clip > 0:
+            self.grad_norms = GradNorms(list(self.model.named_parameters()), PARAM_GROUPS, self.device)
+        norm_names = self.grad_norms.names if self.grad_norms else []
+        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite"], config.log_train_freq, self.device)
         self.timer = StepTimer(self.device)
         self.tokens_per_step = config.batch_size * config.block_size
         self.flops_per_token = flops_per_token(config.model_config(), config.block_size)
@@ -172,12 +176,12 @@ class Trainer:
             wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
             wandb_mode=config.wandb_mode, run_name=config.run_name,
             wandb_log_checkpoints=config.wandb_log_checkpoints)
-        self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" else 0.0)
+        self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" and self.telemetry else 0.0)
         self.gpu.start()
 
         self.step = self.start_step
         self.console_losses: list[float] = []
-        self.first_nonfinite: int | None = None
+        self.weights_suspect = False  # a non-finite update was applied (--on_nonfinite warn)
         self.saved_step: int | None = None
         self.measured_from = self.start_step + 1  # first step (compile) is timed apart
         self.compile_s: float | None = None
@@ -212,10 +216,14 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
-        nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(norms[0]))
+        loss = loss.detach().float().view(1)
+        if self.grad_norms is not None:
+            norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
+            nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norms[:1]))  # (1,)
+        else:
+            norms, nonfinite = loss[:0], ~torch.isfinite(loss)
         if self.skip_nonfinite:
-            self.optimizer.found_inf = nonfinite.float()  # the fused step skips itself on device
+            self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -224,8 +232,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.buffer.record(step, torch.cat([loss.detach().float().view(1), norms,
-                                            nonfinite.float().view(1)]), {"train/lr": lr})
+        self.buffer.record(step, torch.cat([loss, norms, nonfinite.float()]), {"train/lr": lr})
         self.timer.stop()
 
     # --- flush: the one place per window where the host reads training values ------------------
@@ -235,11 +242,12 @@ class Trainer:
         if not rows:
             return
         times_ms = self.timer.read_ms()
-        window = {**self.gpu.window_means(), **cuda_memory_stats(self.device)}
+        window = {**self.gpu.window_means(), **cuda_memory_stats(self.device)} if self.telemetry else {}
+        first_bad = None
         for (step, values), step_ms in zip(rows, times_ms):
-            if values.pop("nonfinite") and self.first_nonfinite is None:
-                self.first_nonfinite = step
-            if step >= self.measured_from + 1 or (step == self.measured_from and self.compile_s is None):
+            if values.pop("nonfinite") and first_bad is None:
+                first_bad = step
+            if step > self.measured_from or not self.config.compile:
                 values["perf/step_ms"] = step_ms
                 values["perf/tokens_per_sec"] = self.tokens_per_step / (step_ms / 1e3)
                 if self.peak_tflops:
@@ -255,13 +263,13 @@ class Trainer:
                 self.console_losses = []
         if self.progress is not None:
             self.progress.update(rows[-1][0] - self.progress.n)
-        if self.first_nonfinite is not None:
-            message = f"non-finite loss or gradient norm at step {self.first_nonfinite}"
+        if first_bad is not None:
+            message = f"non-finite loss or gradient norm at step {first_bad}"
             if self.config.on_nonfinite == "stop":
                 raise UserError(f"{message}; stopping (--on_nonfinite stop). "
                                 f"The last good checkpoint is kept: {self.ckpt_path}")
+            self.weights_suspect |= not self.skip_nonfinite
             self.console(f"warning: {message} ({'update skipped' if self.skip_nonfinite else 'update applied'})")
-            self.first_nonfinite = None if self.config.on_nonfinite == "skip" else self.first_nonfinite
 
     def console(self, line: str) -> None:
         if self.console_closed:
@@ -278,8 +286,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.flush()  # metrics up to here reach the host first, and non-finite steps are known
-        if self.first_nonfinite is not None and self.config.on_nonfinite == "warn":
-            self.console(f"not saving a checkpoint at step {self.step}: weights may be non-finite")
+        if self.weights_suspect:
+            self.console(f"not saving a checkpoint at step {self.step}: a non-finite update was applied")
             return
         rng = {"torch": torch.get_rng_state(), "data": self.data.state_dict()}
         if self.device.type == "cuda":
@@ -326,8 +334,7 @@ class Trainer:
     def close(self) -> None:
         """Every exit path: flush what is buffered, close backends and the sampler."""
         with contextlib.suppress(Exception):
-            if self.first_nonfinite is None:
-                self.flush()
+            self.flush()  # empty after a non-finite stop: that flush already logged its window
         if self.progress is not None:
             self.progress.close()
         self.gpu.close()

@@ -270,3 +270,38 @@ def test_tensorboard_has_every_metric_at_every_step_equal_to_jsonl(corpus, tmp_p
         assert got.keys() == expected.keys(), name
         for step, value in expected.items():
             assert got[step] == pytest.approx(value, rel=1e-6), (name, step)
+
+
+def test_backend_none_logs_nothing_and_skips_grad_norms(corpus, tmp_path, capsys):
+    trainer = make_trainer(corpus, tmp_path, max_iters=6, log_train_freq=3, log_freq=3, log_backend="none")
+    try:
+        assert trainer.grad_norms is None and trainer.buffer.names == ["train/loss", "nonfinite"]
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert "Step: 6/6 loss" in capsys.readouterr().out
+    assert not (tmp_path / "t" / "metrics.jsonl").exists()
+    assert not list((tmp_path / "t").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_flushes_saves_and_closes(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "bdh_fast.train", *tiny_args(corpus, tmp_path, "term", "--max_iters", "100000",
+                                                               "--log_train_freq", "1000", "--ckpt_freq", "0")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "term" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(2.0)  # let it take some steps, all still buffered on the device
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    steps = [r["step"] for r in metric_records(tmp_path / "term")]
+    assert steps and steps == list(range(1, len(steps) + 1))  # the buffered window was flushed
+    state = torch.load(tmp_path / "term" / "ckpt.pt", weights_only=True)
+    assert state["step"] == steps[-1]

@@ -88,17 +88,28 @@ class RunConfig:
     eval_freq: int = _f(250, "evaluate every N steps and at the end (0 = off)")
     eval_iters: int = _f(20, "batches per evaluation")
     generate_freq: int = _f(500, "sample from the prompts every N steps and at the end (0 = off)")
+    prompts: tuple[str, ...] = _f(("To be or not to be", "Once upon a time", "In a galaxy far, far away"),
+                                  "prompts for the periodic samples", nargs="+")
+    sample_tokens: int = _f(100, "bytes generated per sample")
+    temperature: float = _f(1.0, "sampling temperature (> 0)")
+    top_k: int | None = _f(3, "sample among the k most likely bytes (0 = all)")
 
     def __post_init__(self) -> None:
         problems = []
         positive = ("n_layer", "n_embd", "n_head", "mlp_mult", "vocab_size", "batch_size",
-                    "block_size", "max_iters", "log_freq", "log_train_freq", "eval_iters")
+                    "block_size", "max_iters", "log_freq", "log_train_freq", "eval_iters",
+                    "sample_tokens")
         problems += [f"--{n} must be >= 1 (got {getattr(self, n)})" for n in positive if getattr(self, n) < 1]
         non_negative = ("warmup_iters", "ckpt_freq", "weight_decay", "grad_clip", "min_lr",
-                        "nvml_interval", "eval_freq", "generate_freq")
+                        "nvml_interval", "eval_freq", "generate_freq", "top_k")
         problems += [f"--{n} must be >= 0 (got {getattr(self, n)})" for n in non_negative if not getattr(self, n) >= 0]
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append(f"--peak_tflops must be > 0 (got {self.peak_tflops})")
+        if not self.temperature > 0:
+            problems.append(f"--temperature must be > 0 (got {self.temperature})")
+        self.prompts = tuple(self.prompts)
+        if not self.prompts or any(not p for p in self.prompts):
+            problems.append("--prompts must be one or more non-empty strings")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
         if not 0.0 <= self.dropout < 1.0:
@@ -159,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = {"int": int, "float": _finite_float}.get(str(f.type).removesuffix(" | None"), str)
         parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help,
+                            nargs=f.metadata.get("nargs"),
                             metavar=f.name.upper() if "choices" not in f.metadata else None)
     return parser
 

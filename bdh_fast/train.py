@@ -19,8 +19,9 @@ import torch
 
 from bdh_fast import checkpoint
 from bdh_fast.config import PRESETS, RunConfig, parse_flags, resolve
-from bdh_fast.data import ByteDataset, decode, encode, resolve_data_path
+from bdh_fast.data import ByteDataset, resolve_data_path
 from bdh_fast.errors import UserError
+from bdh_fast.evaluate import evaluate, sample
 from bdh_fast.model import BDH
 from bdh_fast.telemetry.backends import Logger, make_logger, parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
@@ -34,6 +35,7 @@ PARAM_GROUPS = {  # optimizer parameter groups (same hyper-parameters; named for
 }
 FINAL_PROMPT = "To be or "  # the reference train.py's closing sample
 FINAL_SAMPLE_TOKENS = 100
+EVAL_SEED_OFFSET = 10_007  # eval batches come from their own stream, never the training one
 
 
 class Interrupted(Exception):
@@ -179,6 +181,10 @@ class Trainer:
         self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" and self.telemetry else 0.0)
         self.gpu.start()
 
+        self.eval_batches = {}
+        if config.eval_freq:
+            self.eval_batches = {split: self.data.fixed_batches(split, config.eval_iters, config.seed + EVAL_SEED_OFFSET)
+                                 for split in ("val", "train")}
         self.step = self.start_step
         self.console_losses: list[float] = []
         self.weights_suspect = False  # a non-finite update was applied (--on_nonfinite warn)
@@ -282,6 +288,30 @@ class Trainer:
         except BrokenPipeError:  # `... | head`: keep training, stop printing
             self.console_closed = True
 
+    # --- evaluation and samples (each a named sync point) -----------------------------------------
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def evaluate(self) -> dict[str, float]:
+        val = evaluate(self.train_model, self.model, self.eval_batches["val"], self.autocast)
+        train = evaluate(self.train_model, self.model, self.eval_batches["train"], self.autocast)
+        metrics = {"val/loss": val["loss"], "val/perplexity": val["perplexity"],
+                   "val/accuracy": val["accuracy"], "train/loss_eval": train["loss"]}
+        self.logger.log_metrics(metrics, self.step)
+        self.console(f"eval: step {self.step} val loss {val['loss']:.4f} perplexity "
+                     f"{val['perplexity']:.3f} accuracy {val['accuracy']:.3f} "
+                     f"(train loss {train['loss']:.4f})")
+        return metrics
+
+    def log_samples(self) -> list[str]:
+        config = self.config
+        texts = sample(self.model, config.prompts, config.sample_tokens, temperature=config.temperature,
+                       top_k=config.top_k or None, seed=config.seed + self.step, autocast=self.autocast)
+        rows = [[self.step, prompt, text] for prompt, text in zip(config.prompts, texts)]
+        self.logger.log_table("samples", ["step", "prompt", "sample"], rows, self.step)
+        return texts
+
     # --- checkpoints ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
@@ -317,19 +347,18 @@ class Trainer:
                 self.console(f"compile: {self.compile_s:.1f} s (first step, compilation included)")
             if len(self.buffer) == flush_every or step % config.log_freq == 0 or step == config.max_iters:
                 self.flush()
+            if config.eval_freq and (step % config.eval_freq == 0 or step == config.max_iters):
+                self.evaluate()
+            if config.generate_freq and (step % config.generate_freq == 0 or step == config.max_iters):
+                self.log_samples()
             if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
                 self.save_checkpoint()
 
-    def sample(self, prompt: str, tokens: int, top_k: int | None) -> str:
-        # SYNC POINT (sampling): generation reads tokens back to the host.
-        idx = torch.tensor([encode(prompt)], dtype=torch.long, device=self.device)
-        self.model.eval()
-        try:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                out = self.model.generate(idx, tokens, top_k=top_k)
-        finally:
-            self.model.train()
-        return decode(out[0].tolist())
+    def final_sample(self) -> str:
+        """The reference's closing line: the prompt and 100 sampled bytes, top_k=3."""
+        text = sample(self.model, [FINAL_PROMPT], FINAL_SAMPLE_TOKENS, temperature=1.0, top_k=3,
+                      seed=self.config.seed, autocast=self.autocast)[0]
+        return FINAL_PROMPT + text
 
     def close(self) -> None:
         """Every exit path: flush what is buffered, close backends and the sampler."""
@@ -353,7 +382,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         trainer.fit()
         trainer.save_checkpoint()
         trainer.console("Training done")
-        trainer.console(trainer.sample(FINAL_PROMPT, FINAL_SAMPLE_TOKENS, top_k=3))
+        trainer.console(trainer.final_sample())
         return 0
     except (KeyboardInterrupt, Interrupted):
         trainer.flush()

@@ -1,0 +1,319 @@
+"""What every benchmark shares: interleaved timing, medians, tables, machine info, result files, and
+the training step with no telemetry at all.
+
+STYLE.md habit 10, honest benchmarks: warm up first; synchronise around every timer; run the
+variants interleaved (A, B, C, A, B, C, ...) so drift and noisy neighbours hit all of them alike;
+report medians and ratios; end stdout with one machine-readable JSON line; file results with the
+hardware and the date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bdh_fast.config import RunConfig, resolve
+from bdh_fast.data import ByteDataset
+from bdh_fast.model import BDH
+from bdh_fast.train import lr_lambda, make_optimizer
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+RANDOM_CORPUS_BYTES = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    *,
+    device: torch.device | None = None,
+    settle: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, called round-robin: `warmup` untimed rounds, then `repeats`
+    timed rounds of A, B, C, A, B, C, ...
+
+    On CUDA (`device`, or any initialised CUDA context when None) the device is synchronised before
+    and after each call, so a call is charged exactly its own kernels. `settle[name]`, if given,
+    runs untimed right after that fn (e.g. draining a variant's background writer so its leftover
+    work is not billed to the variant that runs next). gc.collect() runs untimed before each call,
+    so one variant's garbage is not collected on another's clock.
+    """
+    if device is not None:
+        sync = device.type == "cuda"
+    else:
+        sync = torch.cuda.is_available() and torch.cuda.is_initialized()
+    settle = settle or {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            if round_index >= warmup:
+                times[name].append(elapsed)
+            if name in settle:
+                settle[name]()
+    return times
+
+
+def timed_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds for one call (e.g. the first compiled step: compilation included), synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio_table(
+    step_s: dict[str, list[float]],
+    baseline: str,
+    tokens_per_step: int,
+    extra: dict[str, dict[str, str]] | None = None,
+) -> str:
+    """One row per variant: median and mean ms/step, min-max, tokens/s (from the median), and the
+    median step time relative to `baseline`; `extra[name][column]` adds columns."""
+    extra = extra or {}
+    extra_columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
+    base = median(step_s[baseline])
+    rows = []
+    for name, samples in step_s.items():
+        med = median(samples)
+        rows.append([
+            name, f"{med * 1e3:.2f}", f"{mean(samples) * 1e3:.2f}",
+            f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}", f"{tokens_per_step / med:,.0f}",
+            f"{med / base:.3f}x", *(extra.get(name, {}).get(c, "") for c in extra_columns),
+        ])
+    columns = ["variant", "median ms/step", "mean ms/step", "min-max ms/step", "tokens/s",
+               f"time vs {baseline}", *extra_columns]
+    return markdown_table(columns, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, JSON line, result files
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "cuda": torch.version.cuda if gpu else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    where = f"GPU {info['gpu']} (CUDA {info['cuda']}), " if info["gpu"] else ""
+    return (f"{where}CPU {info['cpu']}, {info['usable_cores']}/{info['cores']} cores usable, "
+            f"{info['torch_threads']} torch threads; torch {info['torch']}, Python {info['python']}; "
+            f"{info['date']}")
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    name = info["gpu"] or f"{info['cpu']} {info['usable_cores']}c"
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*?ghz", " ", name, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "unknown"
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """The LAST line of stdout: one JSON object. Non-finite floats become null (valid JSON)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if np.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    sys.stdout.flush()
+    print(json.dumps(clean(obj), allow_nan=False), flush=True)
+
+
+def save_result(name: str, text: str, record: dict[str, Any] | None = None) -> list[Path]:
+    """Write bench/results/<YYYY-MM-DD>-<machine-slug>-<name>.md (and .json with `record`); a
+    second result of the same day and machine gets -2, -3, ... instead of overwriting."""
+    info = (record or {}).get("machine") or machine_info()
+    stem = f"{info['date'][:10]}-{machine_slug(info)}-{name}"  # the UTC date of the measurement
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    suffix, n = "", 1
+    while (RESULTS_DIR / f"{stem}{suffix}.md").exists() or (RESULTS_DIR / f"{stem}{suffix}.json").exists():
+        n += 1
+        suffix = f"-{n}"
+    paths = [RESULTS_DIR / f"{stem}{suffix}.md"]
+    paths[0].write_text(text.rstrip("\n") + "\n")
+    if record is not None:
+        paths.append(RESULTS_DIR / f"{stem}{suffix}.json")
+        paths[1].write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return paths
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run setup shared by the benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_config(preset: str | None, device: str, **fields: Any) -> RunConfig:
+    """The same RunConfig `python -m bdh_fast.train --preset ...` would build (preset None: small
+    on CPU, reference on CUDA), validated."""
+    explicit = {"device": device, **fields}
+    if preset is not None:
+        explicit["preset"] = preset
+    return resolve(explicit, cuda_available=torch.cuda.is_available())
+
+
+def corpus_file(kind: str, workdir: Path, seed: int = 1337) -> tuple[Path, str]:
+    """(path, description): tiny Shakespeare from ../shared/data, or a file of seeded random bytes
+    when `kind` is "random" or the corpus is missing. Every variant reads batches through
+    bdh_fast.data.ByteDataset, as training does."""
+    if kind == "corpus" and CORPUS.is_file():
+        return CORPUS, f"corpus {CORPUS}"
+    path = workdir / "random-bytes.bin"
+    if not path.exists():
+        rng = np.random.default_rng(seed)
+        path.write_bytes(rng.integers(0, 256, RANDOM_CORPUS_BYTES, dtype=np.uint8).tobytes())
+    why = "" if kind == "random" else f" ({CORPUS} missing)"
+    return path, f"random bytes{why}"
+
+
+def configure_device(device: torch.device) -> None:
+    """Global math settings the Trainer sets too (TF32 on CUDA), set once for every variant."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BareLoop:
+    """The Trainer's training math with no telemetry and no host read: same model init (seed),
+    same fused AdamW and parameter groups, same LR schedule, same autocast, same batch stream.
+
+    `step()` = `forward_backward()` + `update()`; the naive variant puts its host reads between.
+    """
+
+    def __init__(self, config: RunConfig, device: torch.device, dtype: str, data_path: Path, compile: bool):
+        self.config = config
+        self.device = device
+        self.data = ByteDataset(data_path, config.block_size, config.batch_size, config.val_fraction,
+                                device, config.seed)
+        torch.manual_seed(config.seed)  # as the Trainer: identical init in every variant
+        self.model = BDH(config.model_config()).to(device)
+        # Train the compiled module; `self.model` keeps the parameters and state_dict() names.
+        self.train_model = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.optimizer = make_optimizer(self.model, config, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.autocast_dtype = AUTOCAST[dtype]
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == "float16" else None
+        self.params = list(self.model.parameters())
+
+    def forward_backward(self) -> torch.Tensor:
+        x, y = self.data.get_batch("train")
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            _, loss = self.train_model(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        return loss
+
+    def clip(self) -> torch.Tensor | None:
+        """Clip like the Trainer when --grad_clip > 0; the returned norm stays on the device."""
+        if self.config.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
+        return None
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.clip()
+        self.update()
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            self.step()

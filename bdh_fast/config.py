@@ -93,15 +93,17 @@ class RunConfig:
     sample_tokens: int = _f(100, "bytes generated per sample")
     temperature: float = _f(1.0, "sampling temperature (> 0)")
     top_k: int | None = _f(3, "sample among the k most likely bytes (0 = all)")
+    probe_freq: int = _f(500, "parameter norms, update ratios, histograms, neuron sparsity every N steps and at the end (0 = off)")
+    hist_bins: int = _f(64, "buckets of the weight and gradient histograms")
 
     def __post_init__(self) -> None:
         problems = []
         positive = ("n_layer", "n_embd", "n_head", "mlp_mult", "vocab_size", "batch_size",
                     "block_size", "max_iters", "log_freq", "log_train_freq", "eval_iters",
-                    "sample_tokens")
+                    "sample_tokens", "hist_bins")
         problems += [f"--{n} must be >= 1 (got {getattr(self, n)})" for n in positive if getattr(self, n) < 1]
         non_negative = ("warmup_iters", "ckpt_freq", "weight_decay", "grad_clip", "min_lr",
-                        "nvml_interval", "eval_freq", "generate_freq", "top_k")
+                        "nvml_interval", "eval_freq", "generate_freq", "top_k", "probe_freq")
         problems += [f"--{n} must be >= 0 (got {getattr(self, n)})" for n in non_negative if not getattr(self, n) >= 0]
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append(f"--peak_tflops must be > 0 (got {self.peak_tflops})")

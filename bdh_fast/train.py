@@ -26,6 +26,7 @@ from bdh_fast.model import BDH
 from bdh_fast.telemetry.backends import Logger, make_logger, parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
 from bdh_fast.telemetry.grads import GradNorms
+from bdh_fast.telemetry.probes import Probes
 from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
 from bdh_fast.telemetry.throughput import StepTimer, flops_per_token, peak_tflops
 
@@ -185,6 +186,10 @@ class Trainer:
         if config.eval_freq:
             self.eval_batches = {split: self.data.fixed_batches(split, config.eval_iters, config.seed + EVAL_SEED_OFFSET)
                                  for split in ("val", "train")}
+        self.probes = None
+        if config.probe_freq and self.telemetry:
+            probe_x = self.data.fixed_batches("val", 1, config.seed + EVAL_SEED_OFFSET)[0][0]  # (B, T)
+            self.probes = Probes(self.model, probe_x, config.hist_bins, self.autocast)
         self.step = self.start_step
         self.console_losses: list[float] = []
         self.weights_suspect = False  # a non-finite update was applied (--on_nonfinite warn)
@@ -222,6 +227,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.is_probe_step(step):
+            self.probes.before_update()  # gradient histograms + weights copy, on the device
         loss = loss.detach().float().view(1)
         if self.grad_norms is not None:
             norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
@@ -288,7 +295,16 @@ class Trainer:
         except BrokenPipeError:  # `... | head`: keep training, stop printing
             self.console_closed = True
 
-    # --- evaluation and samples (each a named sync point) -----------------------------------------
+    # --- evaluation, samples, probes (each a named sync point) ------------------------------------
+
+    def is_probe_step(self, step: int) -> bool:
+        return self.probes is not None and (step % self.config.probe_freq == 0 or step == self.config.max_iters)
+
+    def probe(self) -> None:
+        metrics, histograms = self.probes.collect()  # SYNC POINT (probe), one read
+        self.logger.log_metrics(metrics, self.step)
+        for name, histogram in histograms.items():
+            self.logger.log_histogram(name, histogram, self.step)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -335,24 +351,29 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> None:
+        for step in range(self.start_step + 1, self.config.max_iters + 1):
+            self.run_step(step)
+
+    def run_step(self, step: int) -> None:
+        """One iteration of the loop: the training step, then whatever is due at this step."""
         config = self.config
-        flush_every = config.log_train_freq
-        for step in range(self.start_step + 1, config.max_iters + 1):
-            t0 = time.perf_counter()
-            self.train_step(step)
-            self.step = step
-            if step == self.measured_from and config.compile:
-                self.flush()  # SYNC POINT: the first step includes compilation; time it apart
-                self.compile_s = time.perf_counter() - t0
-                self.console(f"compile: {self.compile_s:.1f} s (first step, compilation included)")
-            if len(self.buffer) == flush_every or step % config.log_freq == 0 or step == config.max_iters:
-                self.flush()
-            if config.eval_freq and (step % config.eval_freq == 0 or step == config.max_iters):
-                self.evaluate()
-            if config.generate_freq and (step % config.generate_freq == 0 or step == config.max_iters):
-                self.log_samples()
-            if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
-                self.save_checkpoint()
+        t0 = time.perf_counter()
+        self.train_step(step)
+        self.step = step
+        if step == self.measured_from and config.compile:
+            self.flush()  # SYNC POINT: the first step includes compilation; time it apart
+            self.compile_s = time.perf_counter() - t0
+            self.console(f"compile: {self.compile_s:.1f} s (first step, compilation included)")
+        if len(self.buffer) == config.log_train_freq or step % config.log_freq == 0 or step == config.max_iters:
+            self.flush()
+        if self.is_probe_step(step):
+            self.probe()
+        if config.eval_freq and (step % config.eval_freq == 0 or step == config.max_iters):
+            self.evaluate()
+        if config.generate_freq and (step % config.generate_freq == 0 or step == config.max_iters):
+            self.log_samples()
+        if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
+            self.save_checkpoint()
 
     def final_sample(self) -> str:
         """The reference's closing line: the prompt and 100 sampled bytes, top_k=3."""

@@ -10,7 +10,7 @@ step carries the whole compilation; every first step is timed apart, outside the
          telemetry, no host read.
   full   the real bdh_fast.train.Trainer at its telemetry defaults (on-device StepBuffer, fused grad
          norms, StepTimer, TensorBoard + JSONL through the background Logger, flush every
-         --log_train_freq steps), driven step by step exactly as Trainer.fit drives it.
+         --log_train_freq steps), driven step by step through Trainer.run_step, the body of Trainer.fit's loop.
   naive  what a typical research script does: loss.item() and p.grad.norm().item() per parameter
          every step, SummaryWriter.add_scalar per metric per step on the training thread, and
          add_histogram of every parameter (copied to the host) every --naive_hist_freq steps.
@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import inspect
 import math
 import os
 import pathlib
@@ -54,8 +52,6 @@ from bdh_fast.train import Trainer, pick_device, pick_dtype  # noqa: E402
 
 PASS_PCT, GOAL_PCT = 5.0, 1.0
 TARGET_PCT = {("cpu", "small"): 3.0, ("cuda", "reference"): 1.0}  # `full`, per (device, preset)
-# sha256 of inspect.getsource(Trainer.fit) when fit_step below was written from it.
-FIT_SOURCE_SHA256 = "54d0bd721c4e1166db9db0d73763dd96646ce3a90e9ad57fef20bcc3fe8b247f"
 
 
 @contextlib.contextmanager
@@ -92,27 +88,6 @@ class Bare:
         pass
 
 
-def fit_step(trainer: Trainer, step: int) -> None:
-    """One iteration of Trainer.fit's loop body (bdh_fast/train.py), statement for statement."""
-    config = trainer.config
-    t0 = time.perf_counter()
-    trainer.train_step(step)
-    trainer.step = step
-    if step == trainer.measured_from and config.compile:
-        trainer.flush()  # SYNC POINT (as in fit): the first step includes compilation
-        trainer.compile_s = time.perf_counter() - t0
-        trainer.console(f"compile: {trainer.compile_s:.1f} s (first step, compilation included)")
-    if (len(trainer.buffer) == config.log_train_freq or step % config.log_freq == 0
-            or step == config.max_iters):
-        trainer.flush()
-    if config.eval_freq and (step % config.eval_freq == 0 or step == config.max_iters):
-        trainer.evaluate()
-    if config.generate_freq and (step % config.generate_freq == 0 or step == config.max_iters):
-        trainer.log_samples()
-    if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
-        trainer.save_checkpoint()
-
-
 class Full:
     def __init__(self, config: RunConfig):
         with quiet():
@@ -126,7 +101,7 @@ class Full:
         with quiet():
             for _ in range(n):
                 self.step += 1
-                fit_step(self.trainer, self.step)
+                self.trainer.run_step(self.step)
 
     def align(self) -> int:
         """Step on until the flush cadence is steady (past the first --log_freq console flush)
@@ -257,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             config = bench_config(
                 args.preset, args.device, dtype=args.dtype, data=str(data_path), compile=not args.no_compile,
                 log_backend="tensorboard,jsonl", log_train_freq=args.log_train_freq, grad_clip=args.grad_clip,
-                eval_freq=0, generate_freq=0, ckpt_freq=0, progress=False, max_iters=1_000_000,
+                eval_freq=0, generate_freq=0, probe_freq=0, ckpt_freq=0, progress=False, max_iters=1_000_000,
                 out_dir=str(workdir / "runs"), run_name="full")
             device = pick_device(config)
         except UserError as e:
@@ -273,14 +248,10 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     tokens_per_step = config.batch_size * config.block_size
     configure_device(device)
     info = machine_info()
-    fit_sha = hashlib.sha256(inspect.getsource(Trainer.fit).encode()).hexdigest()
     print(f"overhead: preset {config.preset} (L{config.n_layer} D{config.n_embd} H{config.n_head} "
           f"m{config.mlp_mult}, B{config.batch_size} T{config.block_size}), {device.type}, {dtype}, "
           f"compile {'on' if config.compile else 'off'}, log_train_freq {config.log_train_freq}, {data_label}; "
           f"{repeats} x {args.steps} steps per variant, interleaved", flush=True)
-    if fit_sha != FIT_SOURCE_SHA256:
-        print("warning: Trainer.fit changed since bench/overhead.py's fit_step mirrored it; check that "
-              "fit_step still matches its loop body", file=sys.stderr, flush=True)
 
     variants = {"bare": Bare(config, device, dtype, data_path), "full": Full(config),
                 "naive": Naive(config, device, dtype, data_path, workdir / "naive", args.naive_hist_freq)}

@@ -95,15 +95,23 @@ class RunConfig:
     top_k: int | None = _f(3, "sample among the k most likely bytes (0 = all)")
     probe_freq: int = _f(500, "parameter norms, update ratios, histograms, neuron sparsity every N steps and at the end (0 = off)")
     hist_bins: int = _f(64, "buckets of the weight and gradient histograms")
+    # --- profiling
+    profile: bool = _f(False, "record torch.profiler traces into the run directory (TensorBoard profiler view, Perfetto)")
+    profile_wait: int = _f(5, "profiler schedule: steps skipped before each cycle")
+    profile_warmup: int = _f(2, "profiler schedule: warm-up steps (traced, discarded)")
+    profile_active: int = _f(3, "profiler schedule: steps recorded per cycle")
+    profile_repeat: int = _f(1, "profiler schedule: cycles (0 = until the end)")
+    memory_snapshot: int = _f(0, "record the CUDA allocator for N steps and dump a snapshot for pytorch.org/memory_viz (0 = off)")
 
     def __post_init__(self) -> None:
         problems = []
         positive = ("n_layer", "n_embd", "n_head", "mlp_mult", "vocab_size", "batch_size",
                     "block_size", "max_iters", "log_freq", "log_train_freq", "eval_iters",
-                    "sample_tokens", "hist_bins")
+                    "sample_tokens", "hist_bins", "profile_active")
         problems += [f"--{n} must be >= 1 (got {getattr(self, n)})" for n in positive if getattr(self, n) < 1]
         non_negative = ("warmup_iters", "ckpt_freq", "weight_decay", "grad_clip", "min_lr",
-                        "nvml_interval", "eval_freq", "generate_freq", "top_k", "probe_freq")
+                        "nvml_interval", "eval_freq", "generate_freq", "top_k", "probe_freq",
+                        "profile_wait", "profile_warmup", "profile_repeat", "memory_snapshot")
         problems += [f"--{n} must be >= 0 (got {getattr(self, n)})" for n in non_negative if not getattr(self, n) >= 0]
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append(f"--peak_tflops must be > 0 (got {self.peak_tflops})")

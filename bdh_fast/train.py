@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from bdh_fast import checkpoint
 from bdh_fast.config import PRESETS, RunConfig, parse_flags, resolve
@@ -27,6 +28,7 @@ from bdh_fast.telemetry.backends import Logger, make_logger, parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
 from bdh_fast.telemetry.grads import GradNorms
 from bdh_fast.telemetry.probes import Probes
+from bdh_fast.telemetry.profiling import MemorySnapshot, Profiler
 from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
 from bdh_fast.telemetry.throughput import StepTimer, flops_per_token, peak_tflops
 
@@ -186,6 +188,10 @@ class Trainer:
         if config.eval_freq:
             self.eval_batches = {split: self.data.fixed_batches(split, config.eval_iters, config.seed + EVAL_SEED_OFFSET)
                                  for split in ("val", "train")}
+        self.profiler = Profiler(self.run_dir, self.device, enabled=config.profile, wait=config.profile_wait,
+                                 warmup=config.profile_warmup, active=config.profile_active,
+                                 repeat=config.profile_repeat)
+        self.memory_snapshot = MemorySnapshot(self.run_dir, self.device, config.memory_snapshot, print)
         self.probes = None
         if config.probe_freq and self.telemetry:
             probe_x = self.data.fixed_batches("val", 1, config.seed + EVAL_SEED_OFFSET)[0][0]  # (B, T)
@@ -219,38 +225,48 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         self.timer.start()
-        x, y = self.data.get_batch("train")
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with record_function("data"):
+            x, y = self.data.get_batch("train")
+        with record_function("forward"), self.autocast():
             _, loss = self.train_model(x, y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
+        with record_function("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
         if self.is_probe_step(step):
-            self.probes.before_update()  # gradient histograms + weights copy, on the device
-        loss = loss.detach().float().view(1)
-        if self.grad_norms is not None:
-            norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
-            nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norms[:1]))  # (1,)
-        else:
-            norms, nonfinite = loss[:0], ~torch.isfinite(loss)
-        if self.skip_nonfinite:
-            self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
+            with record_function("telemetry/probe"):
+                self.probes.before_update()  # gradient histograms + weights copy, on the device
+        with record_function("telemetry/grad_norms"):
+            loss = loss.detach().float().view(1)
+            if self.grad_norms is not None:
+                norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
+                nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norms[:1]))  # (1,)
+            else:
+                norms, nonfinite = loss[:0], ~torch.isfinite(loss)
+            if self.skip_nonfinite:
+                self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.buffer.record(step, torch.cat([loss, norms, nonfinite.float()]), {"train/lr": lr})
+        with record_function("optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        with record_function("telemetry/record"):
+            self.buffer.record(step, torch.cat([loss, norms, nonfinite.float()]), {"train/lr": lr})
         self.timer.stop()
 
     # --- flush: the one place per window where the host reads training values ------------------
 
     def flush(self) -> None:
+        with record_function("telemetry/flush"):
+            self._flush()
+
+    def _flush(self) -> None:
         rows = self.buffer.flush()  # SYNC POINT: one copy + one wait per window
         if not rows:
             return
@@ -300,6 +316,7 @@ class Trainer:
     def is_probe_step(self, step: int) -> bool:
         return self.probes is not None and (step % self.config.probe_freq == 0 or step == self.config.max_iters)
 
+    @record_function("telemetry/probe")
     def probe(self) -> None:
         metrics, histograms = self.probes.collect()  # SYNC POINT (probe), one read
         self.logger.log_metrics(metrics, self.step)
@@ -309,6 +326,7 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
+    @record_function("eval")
     def evaluate(self) -> dict[str, float]:
         val = evaluate(self.train_model, self.model, self.eval_batches["val"], self.autocast)
         train = evaluate(self.train_model, self.model, self.eval_batches["train"], self.autocast)
@@ -320,6 +338,7 @@ class Trainer:
                      f"(train loss {train['loss']:.4f})")
         return metrics
 
+    @record_function("sample")
     def log_samples(self) -> list[str]:
         config = self.config
         texts = sample(self.model, config.prompts, config.sample_tokens, temperature=config.temperature,
@@ -330,6 +349,7 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
+    @record_function("checkpoint")
     def save_checkpoint(self) -> None:
         self.flush()  # metrics up to here reach the host first, and non-finite steps are known
         if self.weights_suspect:
@@ -374,6 +394,8 @@ class Trainer:
             self.log_samples()
         if config.ckpt_freq and step % config.ckpt_freq == 0 and step != config.max_iters:
             self.save_checkpoint()
+        self.memory_snapshot.step()
+        self.profiler.step()
 
     def final_sample(self) -> str:
         """The reference's closing line: the prompt and 100 sampled bytes, top_k=3."""
@@ -387,6 +409,7 @@ class Trainer:
             self.flush()  # empty after a non-finite stop: that flush already logged its window
         if self.progress is not None:
             self.progress.close()
+        self.profiler.close()
         self.gpu.close()
         self.logger.finish()
 

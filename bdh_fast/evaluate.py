@@ -32,25 +32,32 @@ def eval_mode(module: torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model: Callable, module: torch.nn.Module, batches: Batches,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+             autocast: Callable[[], contextlib.AbstractContextManager],
+             reduce: Callable[[torch.Tensor], object] | None = None) -> dict[str, float]:
     """Mean cross-entropy, perplexity and top-1 accuracy over `batches`.
 
     model: what to call (the compiled module, so its graph is reused); module: the nn.Module whose
-    train/eval mode is switched; autocast: a factory for the training autocast context.
+    train/eval mode is switched; autocast: a factory for the training autocast context; reduce: an
+    in-place sum over data-parallel ranks when each rank evaluates its share of the batches.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
-    correct = torch.zeros((), dtype=torch.int64, device=batches[0][0].device)
+    device = next(module.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     with eval_mode(module):
         for x, y in batches:
             with autocast():
                 logits, loss = model(x, y)
             loss_sum += loss.double()
             correct += (logits.argmax(dim=-1) == y).sum()
-    # SYNC POINT (evaluation): one read of the two accumulators.
-    loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()
     tokens = sum(y.numel() for _, y in batches)
-    loss = loss_total / len(batches)  # equal-size batches: the mean over every predicted token
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct_total / tokens}
+    totals = torch.stack([loss_sum, correct, torch.tensor(float(len(batches)), dtype=torch.float64, device=device),
+                          torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    if reduce is not None:
+        reduce(totals)
+    # SYNC POINT (evaluation): one read of the accumulators.
+    loss_total, correct_total, n_batches, n_tokens = totals.tolist()
+    loss = loss_total / n_batches  # equal-size batches: the mean over every predicted token
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct_total / n_tokens}
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch.profiler import record_function
 
-from bdh_fast import checkpoint
+from bdh_fast import checkpoint, distributed
 from bdh_fast.config import PRESETS, RunConfig, parse_flags, resolve
 from bdh_fast.data import ByteDataset, resolve_data_path
 from bdh_fast.errors import UserError
@@ -39,6 +40,12 @@ PARAM_GROUPS = {  # optimizer parameter groups (same hyper-parameters; named for
 FINAL_PROMPT = "To be or "  # the reference train.py's closing sample
 FINAL_SAMPLE_TOKENS = 100
 EVAL_SEED_OFFSET = 10_007  # eval batches come from their own stream, never the training one
+
+
+def _rank_gpu_name(name: str, rank: int) -> str:
+    """system/gpu<i>/metric -> system/gpu<rank>/metric (each rank samples its own GPU)."""
+    head, _, tail = name.partition("/gpu")
+    return f"{head}/gpu{rank}/{tail.split('/', 1)[1]}" if tail else name
 
 
 class Interrupted(Exception):
@@ -69,12 +76,12 @@ def resolve_config(argv: Sequence[str] | None) -> tuple[RunConfig, dict[str, Any
     return config, state
 
 
-def pick_device(config: RunConfig) -> torch.device:
+def pick_device(config: RunConfig, local_rank: int = 0) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible; use --device cpu")
     if config.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", local_rank)
 
 
 def pick_dtype(config: RunConfig, device: torch.device) -> str:
@@ -110,12 +117,16 @@ def make_optimizer(model: BDH, config: RunConfig, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
-def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: int | None) -> str:
+def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: int | None,
+             world_size: int = 1) -> str:
     why = "" if config.device != "auto" else (" (CUDA GPU found)" if device.type == "cuda" else " (no CUDA GPU found)")
     preset = f"preset {config.preset}" if config.preset else "custom"
     line = (f"bdh_fast: {device.type}{why}, {preset}: L{config.n_layer} D{config.n_embd} "
             f"H{config.n_head} m{config.mlp_mult}, B{config.batch_size} T{config.block_size}, "
             f"{config.max_iters} iters, {dtype}, compile {'on' if config.compile else 'off'}")
+    if world_size > 1:
+        line += (f", {world_size} data-parallel ranks: effective batch {config.batch_size * world_size} "
+                 f"x {config.block_size} tokens")
     if resumed_step is not None:
         line += f", resuming from step {resumed_step}"
     return line
@@ -129,7 +140,8 @@ def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: 
 class Trainer:
     def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None):
         self.config = config
-        self.device = pick_device(config)
+        self.dist = distributed.init(use_cuda=pick_device(config).type == "cuda")
+        self.device = pick_device(config, self.dist.local_rank)
         self.dtype = pick_dtype(config, self.device)
         self.start_step = resume_state["step"] if resume_state else 0
         self.run_dir = pathlib.Path(config.out_dir) / config.run_name
@@ -139,16 +151,24 @@ class Trainer:
                             "to continue it, or another --run_name")
         backend_names = parse_backends(config.log_backend)
         self.data = ByteDataset(resolve_data_path(config.data), config.block_size, config.batch_size,
-                                config.val_fraction, self.device, config.seed)
-        print(announce(config, self.device, self.dtype, resume_state and self.start_step), flush=True)
+                                config.val_fraction, self.device, config.seed + self.dist.rank)
+        if self.dist.is_main:
+            print(announce(config, self.device, self.dtype, resume_state and self.start_step,
+                           self.dist.world_size), flush=True)
         torch.manual_seed(config.seed)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = BDH(config.model_config()).to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
-        # Train the compiled module; keep `self.model` for state_dict() and generation.
-        self.train_model = torch.compile(self.model, dynamic=False) if config.compile else self.model
+        wrapped: torch.nn.Module = self.model
+        if self.dist.enabled:
+            torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout stream
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+        # Train the compiled module (DDP inside, as torch documents); keep `self.model` for
+        # state_dict() and generation.
+        self.train_model = torch.compile(wrapped, dynamic=False) if config.compile else wrapped
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
@@ -164,36 +184,41 @@ class Trainer:
         norm_names = self.grad_norms.names if self.grad_norms else []
         self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite"], config.log_train_freq, self.device)
         self.timer = StepTimer(self.device)
-        self.tokens_per_step = config.batch_size * config.block_size
+        self.tokens_per_step = config.batch_size * config.block_size * self.dist.world_size
         self.flops_per_token = flops_per_token(config.model_config(), config.block_size)
         self.peak_tflops = peak_tflops(self.device, self.dtype, config.peak_tflops)
         self.skip_nonfinite = config.on_nonfinite in ("stop", "skip") and self.scaler is None
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resolved = {**config.to_dict(), "resolved_device": str(self.device),
                          "resolved_dtype": self.dtype, "n_params": self.n_params,
-                         "data_path": str(self.data.path), "world_size": 1,
+                         "data_path": str(self.data.path), "world_size": self.dist.world_size,
+                         "effective_batch_size": config.batch_size * self.dist.world_size,
                          "flops_per_token": self.flops_per_token}
-        checkpoint.save_json(self.run_dir / "config.json", self.resolved)
+        if self.dist.is_main:  # only rank 0 writes files, backends, console and checkpoints
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.save_json(self.run_dir / "config.json", self.resolved)
         self.logger: Logger = make_logger(
-            backend_names, str(self.run_dir), self.resolved,
+            backend_names if self.dist.is_main else ["none"], str(self.run_dir), self.resolved,
             self.start_step + 1 if resume_state else None,
             wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
             wandb_mode=config.wandb_mode, run_name=config.run_name,
             wandb_log_checkpoints=config.wandb_log_checkpoints)
-        self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" and self.telemetry else 0.0)
+        self.gpu = GPUSampler(config.nvml_interval if self.device.type == "cuda" and self.telemetry else 0.0,
+                              device_indices=[self.device.index] if self.device.type == "cuda" else None)
         self.gpu.start()
 
         self.eval_batches = {}
         if config.eval_freq:
-            self.eval_batches = {split: self.data.fixed_batches(split, config.eval_iters, config.seed + EVAL_SEED_OFFSET)
-                                 for split in ("val", "train")}
+            # The same fixed batches on every rank; each evaluates its share, then one sum.
+            self.eval_batches = {
+                split: self.data.fixed_batches(split, config.eval_iters, config.seed + EVAL_SEED_OFFSET)
+                [self.dist.rank::self.dist.world_size] for split in ("val", "train")}
         self.profiler = Profiler(self.run_dir, self.device, enabled=config.profile, wait=config.profile_wait,
                                  warmup=config.profile_warmup, active=config.profile_active,
                                  repeat=config.profile_repeat)
         self.memory_snapshot = MemorySnapshot(self.run_dir, self.device, config.memory_snapshot, print)
         self.probes = None
-        if config.probe_freq and self.telemetry:
+        if config.probe_freq and self.telemetry and self.dist.is_main:
             probe_x = self.data.fixed_batches("val", 1, config.seed + EVAL_SEED_OFFSET)[0][0]  # (B, T)
             self.probes = Probes(self.model, probe_x, config.hist_bins, self.autocast)
         self.step = self.start_step
@@ -204,6 +229,7 @@ class Trainer:
         self.compile_s: float | None = None
         self.progress = None
         self.console_closed = False
+        self.collectives_ok = True  # False once a peer rank may be gone (interrupt under torchrun)
         if config.progress and sys.stdout.isatty():
             from tqdm import tqdm
             self.progress = tqdm(total=config.max_iters, initial=self.start_step, unit="step",
@@ -219,7 +245,11 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.data.load_state_dict(rng["data"])
+        per_rank = rng.get("data_ranks")
+        if per_rank is not None and len(per_rank) != self.dist.world_size:
+            raise UserError(f"--resume: the checkpoint was saved by {len(per_rank)} ranks, this run has "
+                            f"{self.dist.world_size}; resume with the same number of processes")
+        self.data.load_state_dict(per_rank[self.dist.rank] if per_rank else rng["data"])
 
     # --- one step: no host sync anywhere in here ------------------------------------------------
 
@@ -267,11 +297,14 @@ class Trainer:
             self._flush()
 
     def _flush(self) -> None:
-        rows = self.buffer.flush()  # SYNC POINT: one copy + one wait per window
+        # SYNC POINT: one copy + one wait per window; under torchrun first ONE all_reduce (mean over
+        # ranks) of the whole window (skipped once a peer may be gone: then rank 0 logs its own).
+        reduce = (lambda window: distributed.mean_(window, self.dist)) if self.collectives_ok else None
+        rows = self.buffer.flush(reduce)
         if not rows:
             return
         times_ms = self.timer.read_ms()
-        window = {**self.gpu.window_means(), **cuda_memory_stats(self.device)} if self.telemetry else {}
+        window = self.system_window() if self.telemetry else {}
         first_bad = None
         for (step, values), step_ms in zip(rows, times_ms):
             if values.pop("nonfinite") and first_bad is None:
@@ -300,8 +333,16 @@ class Trainer:
             self.weights_suspect |= not self.skip_nonfinite
             self.console(f"warning: {message} ({'update skipped' if self.skip_nonfinite else 'update applied'})")
 
+    def system_window(self) -> dict[str, float]:
+        """NVML means and allocator stats; under torchrun every rank's GPU, as system/gpu<rank>/..."""
+        gpus = self.gpu.window_means()
+        if self.dist.enabled and self.device.type == "cuda" and self.collectives_ok:
+            per_rank = distributed.gather_objects(gpus, self.dist)  # CUDA only: NVML is per GPU
+            gpus = {_rank_gpu_name(k, rank): v for rank, stats in enumerate(per_rank) for k, v in stats.items()}
+        return {**gpus, **cuda_memory_stats(self.device)}
+
     def console(self, line: str) -> None:
-        if self.console_closed:
+        if self.console_closed or not self.dist.is_main:
             return
         try:
             if self.progress is not None:
@@ -328,8 +369,9 @@ class Trainer:
 
     @record_function("eval")
     def evaluate(self) -> dict[str, float]:
-        val = evaluate(self.train_model, self.model, self.eval_batches["val"], self.autocast)
-        train = evaluate(self.train_model, self.model, self.eval_batches["train"], self.autocast)
+        reduce = lambda totals: distributed.sum_(totals, self.dist)  # noqa: E731  (each rank did its share)
+        val = evaluate(self.train_model, self.model, self.eval_batches["val"], self.autocast, reduce)
+        train = evaluate(self.train_model, self.model, self.eval_batches["train"], self.autocast, reduce)
         metrics = {"val/loss": val["loss"], "val/perplexity": val["perplexity"],
                    "val/accuracy": val["accuracy"], "train/loss_eval": train["loss"]}
         self.logger.log_metrics(metrics, self.step)
@@ -341,6 +383,8 @@ class Trainer:
     @record_function("sample")
     def log_samples(self) -> list[str]:
         config = self.config
+        if not self.dist.is_main:
+            return []
         texts = sample(self.model, config.prompts, config.sample_tokens, temperature=config.temperature,
                        top_k=config.top_k or None, seed=config.seed + self.step, autocast=self.autocast)
         rows = [[self.step, prompt, text] for prompt, text in zip(config.prompts, texts)]
@@ -356,8 +400,12 @@ class Trainer:
             self.console(f"not saving a checkpoint at step {self.step}: a non-finite update was applied")
             return
         rng = {"torch": torch.get_rng_state(), "data": self.data.state_dict()}
+        if self.dist.enabled:  # every rank's batch stream, so each resumes its own
+            rng["data_ranks"] = distributed.gather_objects(self.data.state_dict(), self.dist)
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if not self.dist.is_main:
+            return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "config": self.config.to_dict(), "rng": rng}
@@ -429,6 +477,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         trainer.console(trainer.final_sample())
         return 0
     except (KeyboardInterrupt, Interrupted):
+        if trainer.dist.enabled:  # a peer may be gone: no collective may run now
+            trainer.collectives_ok = False
+            trainer.flush()
+            if trainer.dist.is_main:
+                print(f"interrupted at step {trainer.step}; metrics flushed; the last checkpoint is "
+                      f"kept: {trainer.ckpt_path}", file=sys.stderr)
+            return 130
         trainer.flush()
         trainer.save_checkpoint()
         print(f"interrupted at step {trainer.step}; checkpoint saved to {trainer.ckpt_path}; "
@@ -440,11 +495,18 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     try:
         return run(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" if rank is None else f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if rank is not None:  # name the failing rank; torchrun then stops the others
+            print(f"bdh_fast: rank {rank} failed", file=sys.stderr)
+        raise
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ def tiny_args(corpus, out_dir, name, *extra) -> list[str]:
             "--run_name", name, "--no_progress", "--nvml_interval", "0", *extra]
 
 
-def metric_records(run_dir: pathlib.Path) -> list[dict]:
+def metric_records(run_dir: pathlib.Path, key: str | None = "train/loss") -> list[dict]:
+    """metrics.jsonl's metric records (not events) holding `key` (None: all of them)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "event" not in r]
+    return [r for r in map(json.loads, lines) if "event" not in r and (key is None or key in r)]
 
 
 def test_run_writes_config_checkpoint_metrics_and_reference_console(corpus, tmp_path, capsys):

@@ -7,6 +7,8 @@ and ONE wait, and returns every step with its own values (nothing averaged away)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -36,11 +38,15 @@ class StepBuffer:
         self.steps.append(step)
         self.host_values.append(host_values or {})
 
-    def flush(self) -> list[tuple[int, dict[str, float]]]:
-        """All buffered steps as (step, {name: value}), oldest first; empties the buffer."""
+    def flush(self, reduce: Callable[[torch.Tensor], object] | None = None) -> list[tuple[int, dict[str, float]]]:
+        """All buffered steps as (step, {name: value}), oldest first; empties the buffer.
+        `reduce` (e.g. a mean over data-parallel ranks) is applied in place to the device window
+        first: one collective for the whole window."""
         n = len(self.steps)
         if n == 0:
             return []
+        if reduce is not None:
+            reduce(self.values[:n])
         # SYNC POINT (flush): one device->host copy of the whole window, then one wait for it.
         self.host[:n].copy_(self.values[:n], non_blocking=True)
         if self.device.type == "cuda":

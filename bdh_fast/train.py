@@ -489,6 +489,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted at step {trainer.step}; checkpoint saved to {trainer.ckpt_path}; "
               f"continue with --resume {trainer.run_dir}", file=sys.stderr)
         return 130
+    except Exception:
+        trainer.collectives_ok = not trainer.dist.enabled  # a failed peer: close() flushes locally
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         trainer.close()

@@ -28,7 +28,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU default: about five minutes on 2 cores, reaches train loss ~2.1 by step 150.
     # No dropout: a run this short does not overfit, and dropout's RNG costs ~20% of a CPU step.
     "small": dict(n_layer=4, n_embd=128, n_head=4, mlp_mult=16, dropout=0.0, batch_size=16,
-                  block_size=128, max_iters=600, log_freq=50),
+                  block_size=128, max_iters=600, log_freq=50, eval_freq=100, probe_freq=100,
+                  generate_freq=300),
     # The reference train.py recipe (BDH.md), the CUDA default.
     "reference": dict(n_layer=6, n_embd=256, n_head=4, mlp_mult=128, dropout=0.1, batch_size=32,
                       block_size=512, max_iters=3000, log_freq=100),
@@ -85,8 +86,8 @@ class RunConfig:
     nvml_interval: float = _f(2.0, "seconds between NVML GPU samples (0 = off)")
     progress: bool = _f(True, "hide the tqdm progress bar (shown only in an interactive terminal, never in a pipe)", flag="--no_progress")
     # --- evaluation, samples, probes
-    eval_freq: int = _f(250, "evaluate every N steps and at the end (0 = off)")
-    eval_iters: int = _f(20, "batches per evaluation")
+    eval_freq: int = _f(500, "evaluate every N steps and at the end (0 = off)")
+    eval_iters: int = _f(10, "batches per split per evaluation")
     generate_freq: int = _f(500, "sample from the prompts every N steps and at the end (0 = off)")
     prompts: tuple[str, ...] = _f(("To be or not to be", "Once upon a time", "In a galaxy far, far away"),
                                   "prompts for the periodic samples", nargs="+")

@@ -152,6 +152,92 @@ class BDH(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
+    # ---------------------------------------------------------------------------------------------
+    # Incremental decoding. The linear attention has an exact recurrent form (BDH.md, Generation):
+    #     a_t = sum_{s<t} (qr_t . qr_s) x_s = qr_t^T S_t,   S_t = sum_{s<t} qr_s (outer) x_s
+    # one state S of shape (N, D) per layer application and head (the weights are shared, the
+    # inputs are not). forward() is left as it is; prefill() and decode_step() repeat its layer
+    # equations (tests check prefill against forward bit for bit, and decode_step against forward).
+    # ---------------------------------------------------------------------------------------------
+
+    def state_dtype(self) -> torch.dtype:
+        """float32, or float64 for a float64 model. The state is a running sum over every past
+        position, so it is accumulated in float32 even under autocast or for a bf16 model."""
+        return torch.promote_types(self.lm_head.dtype, torch.float32)
+
+    def _mix(self, x: torch.Tensor, x_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention, exactly as in forward: x (B, 1, T, D), x_s (B, nh, T, N),
+        a (B, nh, T, D) -> the next layer's x (B, 1, T, D)."""
+        B, _, T, _ = x.shape
+        nh, N = self.config.n_head, self.config.neurons_per_head
+        a = self.ln(a)  # (B, nh, T, D)
+        y_s = F.relu(a @ self.encoder_v)  # (B, nh, T, N)
+        xy = self.drop(x_s * y_s)  # (B, nh, T, N)
+        m = xy.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder  # (B, 1, T, D)
+        return self.ln(x + self.ln(m))  # (B, 1, T, D)
+
+    def _state_of(self, x_s: torch.Tensor, x: torch.Tensor,
+                  tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """S = rotate(x_s)^T @ x summed over all T positions: x_s (B, nh, T, N), x (B, 1, T, D)
+        -> (B, nh, N, D) in state_dtype()."""
+        dtype = self.state_dtype()
+        qr = rotate(x_s, *tables)  # (B, nh, T, N)
+        with torch.autocast(x.device.type, enabled=False):
+            return qr.to(dtype).mT @ x.to(dtype)  # (B, nh, N, T) @ (B, 1, T, D) -> (B, nh, N, D)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full forward over a prompt idx (B, T) that also returns the attention state.
+
+        Returns (logits of the last position (B, V), state (L, B, nh, N, D)), with
+        state[l] = sum over t < T of rotate(x_s)_t (outer) x_t of layer application l, in
+        state_dtype() (float32 under autocast too: the outer products are formed and summed with
+        autocast off). The logits equal forward(idx)[0][:, -1] bit for bit. The state holds
+        L * B * nh * N * D floats: 200 MB per sequence at the reference size in float32.
+        """
+        B, T = idx.shape
+        D = self.config.n_embd
+        x = self.ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        tables = self.attn.tables(0, T)  # (T, N) each, shared by all layers
+        states = []
+        for _ in range(self.config.n_layer):
+            x_s = F.relu(x @ self.encoder)  # (B, nh, T, N)
+            a = self.attn(x_s, x, tables)  # (B, nh, T, D), the same call as forward
+            states.append(self._state_of(x_s, x, tables))  # (B, nh, N, D)
+            x = self._mix(x, x_s, a)  # (B, 1, T, D)
+        logits = x.view(B, T, D) @ self.lm_head  # (B, T, V): forward's shapes, so its exact bits
+        return logits[:, -1], torch.stack(states)  # (B, V), (L, B, nh, N, D)
+
+    @torch.no_grad()
+    def decode_step(self, idx_next: torch.Tensor, state: torch.Tensor,
+                    position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row, idx_next (B, 1), at absolute position `position` (= tokens already
+        summed into `state`, from prefill or earlier steps) -> (logits (B, V), state).
+
+        Each layer reads its S (positions < `position`: attention is strictly causal), then adds
+        this token's rotate(x_s) (outer) x. `state` (L, B, nh, N, D) is updated IN PLACE and
+        returned (no copy of a 200 MB state per token); clone it first to branch. The attention
+        read and the update run in state_dtype() with autocast off.
+        """
+        B, T = idx_next.shape
+        if T != 1:
+            raise ValueError(f"decode_step takes one token per row, got idx_next of shape {tuple(idx_next.shape)}")
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        D = self.config.n_embd
+        x = self.ln(self.embed(idx_next)).unsqueeze(1)  # (B, 1, 1, D)
+        cos, sin_signed = self.attn.tables(position, 1)  # (1, N) each
+        for S in state:  # S: (B, nh, N, D), one per layer application
+            x_s = F.relu(x @ self.encoder)  # (B, nh, 1, N)
+            qr = rotate(x_s, cos, sin_signed).to(S.dtype)  # (B, nh, 1, N)
+            x_state = x.to(S.dtype)  # (B, 1, 1, D)
+            with torch.autocast(x.device.type, enabled=False):
+                a = qr @ S  # (B, nh, 1, N) @ (B, nh, N, D) -> (B, nh, 1, D)
+                S.addcmul_(qr.mT, x_state)  # += (B, nh, N, 1) * (B, 1, 1, D)
+            x = self._mix(x, x_s, a.to(x.dtype))  # (B, 1, 1, D)
+        logits = x.view(B, D) @ self.lm_head  # (B, V)
+        return logits, state
+
     @torch.no_grad()
     def generate(
         self,
@@ -160,15 +246,42 @@ class BDH(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Reference generation: re-run the whole prefix for every new token.  idx: (B, T0)."""
+        """Sample max_new_tokens bytes after idx (B, T0) -> (B, T0 + max_new_tokens).
+
+        use_cache=True: prefill the prompt once, then one decode_step per token (O(1) work per
+        token in the prefix length). It keeps an attention state of L * B * nh * N * D floats in
+        float32 (200 MB per sequence at the reference size), also under autocast, where it is
+        therefore slightly more accurate than the full forward's bf16 attention.
+        use_cache=False: the reference path, re-running the whole prefix for every token.
+
+        Both paths sample the same way (sample_next, one call per token), so with a seeded
+        `generator` they draw the same tokens up to float rounding of the logits. Both honour the
+        module's mode: call eval() first. In training mode both apply dropout, but they cannot
+        agree: the reference redraws the masks of the whole prefix for every token, the cached path
+        keeps the prefix's masks fixed in its state.
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T0 + i + 1)
-        return idx
+        if not use_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx)
+                idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
+                idx = torch.cat((idx, idx_next), dim=1)  # (B, T0 + i + 1)
+            return idx
+        if max_new_tokens <= 0:
+            return idx
+        logits, state = self.prefill(idx)  # (B, V), (L, B, nh, N, D)
+        tokens = [idx]
+        position = idx.size(1)  # absolute position of the next token
+        for i in range(max_new_tokens):
+            idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            tokens.append(idx_next)
+            if i + 1 < max_new_tokens:  # the last token's logits are never needed
+                logits, state = self.decode_step(idx_next, state, position)
+                position += 1
+        return torch.cat(tokens, dim=1)  # (B, T0 + max_new_tokens)
 
 
 def sample_next(

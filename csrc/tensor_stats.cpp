@@ -292,19 +292,24 @@ struct BucketMap {
   double lo;
   double scale;  // bins / (max - min), or 0 when max == min (everything in bucket 0)
   int32_t bins;
+  bool all_finite;  // no NaN/Inf anywhere in x (pass 1 says so): skip the per-element check
 };
 
-template <typename T>
+template <bool kAllFinite, typename T>
 BDH_INLINE void bucket_indices(const T* x, int64_t n, const BucketMap& map, int32_t* out) {
   constexpr double kMaxFinite = std::numeric_limits<T>::max();
   const double last = static_cast<double>(map.bins - 1);
   for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(x[i]);
-    const bool finite = abs_of(v) <= kMaxFinite;
     double t = (v - map.lo) * map.scale;  // >= 0 for finite v (v >= lo, scale >= 0)
     // Written so that a NaN t (only from an fp64 range wider than DBL_MAX) lands in the last bucket.
-    t = finite ? (t < last ? t : last) : 0.0;
-    out[i] = finite ? static_cast<int32_t>(t) : map.bins;
+    t = t < last ? t : last;
+    if constexpr (kAllFinite) {
+      out[i] = static_cast<int32_t>(t);
+    } else {
+      const bool finite = abs_of(v) <= kMaxFinite;
+      out[i] = finite ? static_cast<int32_t>(finite ? t : 0.0) : map.bins;
+    }
   }
 }
 
@@ -312,7 +317,11 @@ BDH_INLINE void bucket_indices(const T* x, int64_t n, const BucketMap& map, int3
 template <typename T>
 BDH_INLINE void count_block(const T* x, int64_t n, const BucketMap& map, int64_t* hist, int copies) {
   int32_t idx[kBlock];
-  bucket_indices(x, n, map, idx);
+  if (map.all_finite) {
+    bucket_indices<true>(x, n, map, idx);
+  } else {
+    bucket_indices<false>(x, n, map, idx);
+  }
   const int64_t stride = map.bins + 1;
   int64_t i = 0;
   if (copies == 4) {
@@ -386,7 +395,8 @@ void tensor_stats_cpu_impl(const scalar_t* x, int64_t numel, int64_t bins, doubl
 
   // Pass 2: per-thread histograms (plus the discard slot for non-finite elements), merged under
   // a lock. Four interleaved copies while they fit comfortably in L2.
-  const BucketMap map{lo, hi > lo ? static_cast<double>(bins) / (hi - lo) : 0.0, static_cast<int32_t>(bins)};
+  const BucketMap map{lo, hi > lo ? static_cast<double>(bins) / (hi - lo) : 0.0, static_cast<int32_t>(bins),
+                      total.nonfinite == 0};
   const int copies = bins <= 16384 ? 4 : 1;
   const int64_t stride = bins + 1;
   std::mutex merge_mutex;

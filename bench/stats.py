@@ -10,16 +10,17 @@ histc needs):
     unfused-compiled  torch.compile'd reductions (inductor fuses them) + eager torch.histc
 
 The baselines do less than the op: they let NaN/Inf poison sums, min and max instead of counting
-them apart. The reported speedup is against the fastest baseline at each size. Variants run
-interleaved (A, B, C, D, A, B, ...) after warm-up; medians are reported. Target, reported and not
-asserted: fused >= 2x the unfused ops at 10M fp32 elements on CPU.
+them apart. `speedup` is against the faster of the two eager baselines (the unfused ops the issue
+names); `speedup_vs_compiled` against the compiled one. Variants run interleaved (A, B, C, D, A,
+B, ...) after warm-up; medians are reported. Target, reported and not asserted: fused >= 2x the
+unfused ops at 10M fp32 elements on CPU.
 
     python bench/stats.py                       # 1M, 10M, 100M fp32 on CPU (and CUDA if present)
     python bench/stats.py --sizes 1e6,3e7 --repeats 9
     python bench/stats.py --quick               # small sizes, few repeats: the harness works
 
-The last stdout line is one JSON object: speedup_cpu (at 10M, or the largest size run below it),
-speedup_cuda when a GPU ran, and per-size figures.
+The last stdout line is one JSON object: speedup_cpu and speedup_cpu_vs_compiled (at 10M, or the
+largest size run below it), the same for CUDA when a GPU ran, and per-size figures.
 """
 
 from __future__ import annotations
@@ -146,16 +147,17 @@ def bench_size(n: int, device: torch.device, args: argparse.Namespace) -> dict[s
         fns["unfused-compiled"] = lambda: compiled_unfused(compiled_reductions, x, args.bins)
     times = interleaved(fns, args.repeats, args.warmup, device.type == "cuda")
     medians = {name: statistics.median(samples) for name, samples in times.items()}
-    baselines = {name: t for name, t in medians.items() if name != "fused"}
-    best = min(baselines, key=baselines.get)
+    eager = {name: medians[name] for name in ("unfused", "unfused-dot")}
+    best = min(eager, key=eager.get)
+    compiled = medians.get("unfused-compiled")
     return {
         "n": n,
         "device": device.type,
         "times": times,
         "median_ms": {name: t * 1e3 for name, t in medians.items()},
         "best_baseline": best,
-        "speedup": baselines[best] / medians["fused"],
-        "speedup_vs_unfused": medians["unfused"] / medians["fused"],
+        "speedup": eager[best] / medians["fused"],
+        "speedup_vs_compiled": compiled / medians["fused"] if compiled else None,
         "fused_gb_per_s": n * x.element_size() / medians["fused"] / 1e9,
         "compile_s": compile_s,
     }
@@ -188,24 +190,24 @@ def size_table(result: dict[str, Any]) -> str:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'device':<7}{'n':>13}{'fused ms':>10}{'best baseline':>18}{'its ms':>9}{'speedup':>9}"
-             f"{'vs unfused':>12}{'fused GB/s':>12}"]
+    lines = [f"{'device':<7}{'n':>13}{'fused ms':>10}{'best eager':>14}{'its ms':>9}{'speedup':>9}"
+             f"{'vs compiled':>13}{'fused GB/s':>12}"]
     for r in results:
         best = r["best_baseline"]
-        lines.append(f"{r['device']:<7}{r['n']:>13,}{r['median_ms']['fused']:>10.2f}{best:>18}"
-                     f"{r['median_ms'][best]:>9.2f}{r['speedup']:>8.2f}x{r['speedup_vs_unfused']:>11.2f}x"
+        vs_compiled = f"{r['speedup_vs_compiled']:.2f}x" if r["speedup_vs_compiled"] else "-"
+        lines.append(f"{r['device']:<7}{r['n']:>13,}{r['median_ms']['fused']:>10.2f}{best:>14}"
+                     f"{r['median_ms'][best]:>9.2f}{r['speedup']:>8.2f}x{vs_compiled:>13}"
                      f"{r['fused_gb_per_s']:>12.1f}")
     return "\n".join(lines)
 
 
-def headline(results: list[dict[str, Any]], device: str) -> tuple[float | None, int | None]:
-    """Speedup at 10M elements, or at the largest size run below it (else the smallest)."""
+def headline(results: list[dict[str, Any]], device: str) -> dict[str, Any] | None:
+    """The result at 10M elements, or at the largest size run below it (else the smallest)."""
     mine = sorted((r for r in results if r["device"] == device), key=lambda r: r["n"])
     if not mine:
-        return None, None
+        return None
     below = [r for r in mine if r["n"] <= SPEEDUP_SIZE]
-    chosen = below[-1] if below else mine[0]
-    return chosen["speedup"], chosen["n"]
+    return below[-1] if below else mine[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; GPU: {gpu}" if gpu else ""))
     print(f"# torch {torch.__version__}, Python {platform.python_version()}, native extension: {ops.HAS_NATIVE}")
     print(f"# fp32 input, bins={args.bins}, {args.repeats} interleaved rounds after {args.warmup} warm-up; "
-          "speedup = best baseline median / fused median")
+          "speedup = the faster eager baseline median / fused median")
 
     results = []
     for device in devices:
@@ -236,19 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summary_table(results))
 
-    speedup_cpu, at_cpu = headline(results, "cpu")
-    speedup_cuda, at_cuda = headline(results, "cuda")
-    if speedup_cpu is not None:
-        verdict = "meets" if speedup_cpu >= TARGET_SPEEDUP else "MISSES"
-        print(f"\nCPU speedup at {at_cpu:,} elements: {speedup_cpu:.2f}x ({verdict} the {TARGET_SPEEDUP}x target)")
+    cpu, cuda = headline(results, "cpu"), headline(results, "cuda")
+    if cpu is not None:
+        verdict = "meets" if cpu["speedup"] >= TARGET_SPEEDUP else "MISSES"
+        vs_compiled = (f"; {cpu['speedup_vs_compiled']:.2f}x vs the torch.compile'd reductions + histc"
+                       if cpu["speedup_vs_compiled"] else "")
+        print(f"\nCPU speedup at {cpu['n']:,} elements: {cpu['speedup']:.2f}x vs the unfused torch ops "
+              f"({verdict} the {TARGET_SPEEDUP}x target){vs_compiled}")
     record = {
         "bench": "stats",
-        "speedup_cpu": speedup_cpu,
-        "speedup_cpu_n": at_cpu,
+        "speedup_cpu": cpu["speedup"] if cpu else None,
+        "speedup_cpu_vs_compiled": cpu["speedup_vs_compiled"] if cpu else None,
+        "speedup_cpu_n": cpu["n"] if cpu else None,
         "target_speedup": TARGET_SPEEDUP,
         "per_size": [
             {"device": r["device"], "n": r["n"], "median_ms": r["median_ms"], "best_baseline": r["best_baseline"],
-             "speedup": r["speedup"], "speedup_vs_unfused": r["speedup_vs_unfused"],
+             "speedup": r["speedup"], "speedup_vs_compiled": r["speedup_vs_compiled"],
              "fused_gb_per_s": r["fused_gb_per_s"], "compile_s": r["compile_s"]}
             for r in results
         ],
@@ -260,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "native": ops.HAS_NATIVE,
     }
-    if speedup_cuda is not None:
-        record["speedup_cuda"] = speedup_cuda
-        record["speedup_cuda_n"] = at_cuda
+    if cuda is not None:
+        record["speedup_cuda"] = cuda["speedup"]
+        record["speedup_cuda_vs_compiled"] = cuda["speedup_vs_compiled"]
+        record["speedup_cuda_n"] = cuda["n"]
     sys.stdout.flush()
     print(json.dumps(record, allow_nan=False))
     return 0

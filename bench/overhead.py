@@ -241,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, config, device, data_path, data_label, workdir)
 
 
+def telemetry_ranges_ms(full: "Full", steps: int) -> dict[str, float]:
+    """ms per step inside the Trainer's telemetry/* record_function ranges (grad norms, record,
+    flush), from a torch.profiler window of `steps` steps of the full variant."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        full.steps(steps)
+    full.settle()
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key.startswith("telemetry/")}
+    return {name: us / 1e3 / steps for name, us in sorted(totals.items())}
+
+
 def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, data_label: str,
         workdir: pathlib.Path) -> int:
     dtype = pick_dtype(config, device)
@@ -265,6 +275,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         block_s = interleaved({name: (lambda v=v: v.steps(args.steps)) for name, v in variants.items()},
                               repeats, warmup=0, device=device,
                               settle={name: v.settle for name, v in variants.items()})
+        ranges_ms = telemetry_ranges_ms(variants["full"], args.steps)
     finally:
         for v in variants.values():
             v.close()
@@ -295,6 +306,10 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         f"naive: host histograms every {args.naive_hist_freq} steps ({variants['naive'].step} steps run): "
         "the median ignores those rare blocks, the mean shows them",
         "paired range: per-round overhead vs the bare block that ran in the same round (noise indicator)",
+        "direct measure, robust to machine noise: the telemetry's own record_function ranges in a profiled "
+        f"window of full take {sum(ranges_ms.values()):.3f} ms/step on the training thread ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in ranges_ms.items())
+        + f") = {100 * sum(ranges_ms.values()) / ms['bare']:.2f}% of bare's median step",
     ]
     if args.quick:
         notes.append("quick run: harness check only, no gate")
@@ -315,7 +330,8 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "verdict_full": verdict(pct["full"]), "verdict_naive": verdict(pct["naive"]),
         "target_full_pct": target, "target_met": None if target is None else pct["full"] <= target,
         "compile_s": first_s["bare"] if config.compile else None, "first_step_s": first_s,
-        "full_steps_logged": logged, "quick": args.quick, "machine": info,
+        "full_steps_logged": logged, "telemetry_ranges_ms": ranges_ms,
+        "telemetry_ranges_pct": 100 * sum(ranges_ms.values()) / ms["bare"], "quick": args.quick, "machine": info,
     }
     if args.save:
         text = "\n".join([f"# overhead: bare vs full vs naive telemetry, preset {config.preset}, {device.type}, {dtype}",

@@ -108,7 +108,10 @@ def tensor_stats_reference(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, to
 
     # Same arithmetic, in the same order, as the kernels: see the module docstring.
     has_width = hi > lo
-    scale = torch.where(has_width, bins / torch.where(has_width, hi - lo, 1.0), 0.0)
+    # bins / (max - min), correctly rounded. Not `bins / tensor`: dividing by a 0-d CPU tensor is
+    # done as a multiply by its reciprocal, one ulp off at times, which moves values on an edge.
+    spread = torch.where(has_width, hi - lo, 1.0).reshape(1)  # (1,)
+    scale = torch.where(has_width, (values.new_full((1,), float(bins)) / spread)[0], 0.0)
     last = float(bins - 1)
     pos = (values - lo) * scale  # (N,)
     pos = torch.where(pos < last, pos, last)

@@ -109,6 +109,7 @@ def _hist_kernel(x_ptr, stats_ptr, hist_ptr, numel, bins,
     # scale = bins / (max - min); 0 when max == min (all in bucket 0) or when there is no finite
     # element (min is NaN; every element is masked out anyway).
     spread = tl.where(hi > lo, hi - lo, 1.0)
+    # float64 `/` is IEEE division, correctly rounded like the CPU's (tl.math.div_rn is fp32-only).
     scale = tl.where(hi > lo, bins_f / spread, 0.0)
     last = bins_f - 1.0
     pid = tl.program_id(0)

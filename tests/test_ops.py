@@ -22,6 +22,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def assert_stats_match(x: torch.Tensor, stats: torch.Tensor, hist: torch.Tensor, bins: int) -> None:
     """Checks (stats, hist) of x against the reference: counts, extremes and buckets exactly, sums
     to float64 rounding (every implementation sums in float64, in its own order)."""
@@ -193,6 +198,21 @@ def test_max_lands_in_last_bucket_and_edges_agree():
     y = torch.arange(-1000, 1001, dtype=torch.float32) / 7
     assert_stats_match(y, *tensor_stats(y, 37), 37)
     assert_stats_match(y, *tensor_stats(y, 1), 1)
+    # (0.1796875 - min) * bins / (max - min) is exactly 25: bucket 25 only if bins / (max - min)
+    # is correctly rounded (a reciprocal-multiply is one ulp low and gives 24)
+    z = torch.tensor([-3.734375, 0.1796875, 4.09375], dtype=torch.bfloat16)
+    assert tensor_stats(z, 50)[1][24:26].tolist() == [0, 1]
+    assert tensor_stats_reference(z, 50)[1][24:26].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("bins", [7, 50, 64, 100, 1000])
+def test_every_bf16_value_lands_where_the_reference_puts_it(bins):
+    # All bf16 numbers in [-4, 4) plus one outlier that sets an awkward range: every edge case of
+    # the bucket arithmetic that bf16 can express.
+    bits = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = bits[bits.float().abs() < 4]
+    x = torch.cat([x, torch.tensor([4.09375], dtype=torch.bfloat16)])
+    assert_stats_match(x, *tensor_stats(x, bins), bins)
 
 
 def test_extreme_magnitudes():
@@ -366,6 +386,7 @@ def test_triton_kernels_in_interpreter_match_reference():
             (torch.randn(2000, dtype=torch.float64), 33),
             (torch.randn(70, 600).t(), 64),   # non-contiguous, several programs
             (torch.randn(4000), 3000),        # above the tl.histogram limit: atomics path
+            (torch.tensor([-3.734375, 0.1796875, 4.09375], dtype=torch.bfloat16), 50),  # exact edge
         ]
         x = torch.randn(40_000); x[::97] = nan; x[5::101] = -inf
         cases.append((x, 64))

@@ -117,6 +117,17 @@ def make_optimizer(model: BDH, config: RunConfig, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
+def apply_update(optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None) -> None:
+    """The optimizer step (through the GradScaler for float16), zero_grad, then the LR schedule."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: int | None,
              world_size: int = 1) -> str:
     why = "" if config.device != "auto" else (" (CUDA GPU found)" if device.type == "cuda" else " (no CUDA GPU found)")
@@ -279,13 +290,7 @@ class Trainer:
                 self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
         lr = self.optimizer.param_groups[0]["lr"]
         with record_function("optimizer"):
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            apply_update(self.optimizer, self.scheduler, self.scaler)
         with record_function("telemetry/record"):
             self.buffer.record(step, torch.cat([loss, norms, nonfinite.float()]), {"train/lr": lr})
         self.timer.stop()

@@ -29,7 +29,7 @@ import torch
 from bdh_fast.config import RunConfig, resolve
 from bdh_fast.data import ByteDataset
 from bdh_fast.model import BDH
-from bdh_fast.train import lr_lambda, make_optimizer
+from bdh_fast.train import apply_update, lr_lambda, make_optimizer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -173,6 +173,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def print_report(table: str, notes: list[str], info: dict[str, Any]) -> None:
+    """The table, then one bullet per note and the machine."""
+    print()
+    print(table)
+    print()
+    for line in notes:
+        print(f"- {line}")
+    print(f"- machine: {machine_line(info)}")
+
+
 def machine_line(info: dict[str, Any]) -> str:
     where = f"GPU {info['gpu']} (CUDA {info['cuda']}), " if info["gpu"] else ""
     return (f"{where}CPU {info['cpu']}, {info['usable_cores']}/{info['cores']} cores usable, "
@@ -301,13 +311,7 @@ class BareLoop:
         return None
 
     def update(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        apply_update(self.optimizer, self.scheduler, self.scaler)
 
     def step(self) -> None:
         self.forward_backward()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ is no
 import torch  # noqa: E402
 from common import (  # noqa: E402
     BareLoop, bench_config, command_line, configure_device, corpus_file, emit_json, interleaved,
-    machine_info, machine_line, median, ratio_table, save_result, timed_once,
+    machine_info, machine_line, median, print_report, ratio_table, save_result, timed_once,
 )
 
 from bdh_fast.config import PRESETS, RunConfig  # noqa: E402
@@ -313,12 +313,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     ]
     if args.quick:
         notes.append("quick run: harness check only, no gate")
-    print()
-    print(table)
-    print()
-    for line in notes:
-        print(f"- {line}")
-    print(f"- machine: {machine_line(info)}")
+    print_report(table, notes, info)
 
     record = {
         "bench": "overhead", "preset": config.preset, "device": device.type, "dtype": dtype,

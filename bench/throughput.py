@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ is no
 
 from common import (  # noqa: E402
     BareLoop, bench_config, command_line, configure_device, corpus_file, emit_json, interleaved,
-    machine_info, machine_line, median, ratio_table, save_result, timed_once,
+    machine_info, machine_line, median, print_report, ratio_table, save_result, timed_once,
 )
 
 from bdh_fast.config import PRESETS  # noqa: E402
@@ -120,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"{peak} TFLOP/s" if peak else "unknown (no MFU; pass --peak_tflops)"),
         gate,
     ]
-    print()
-    print(table)
-    print()
-    for line in notes:
-        print(f"- {line}")
-    print(f"- machine: {machine_line(info)}")
+    print_report(table, notes, info)
 
     record = {
         "bench": "throughput", "preset": config.preset, "device": device.type, "dtype": dtype,

@@ -8,7 +8,6 @@ on-device StepBuffer, and the host sees it only at a flush, every --log_train_fr
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import pathlib
 import signal
@@ -20,11 +19,12 @@ import torch
 from torch.profiler import record_function
 
 from bdh_fast import checkpoint, distributed
-from bdh_fast.config import PRESETS, RunConfig, parse_flags, resolve
+from bdh_fast.config import RunConfig, parse_flags, resolve
 from bdh_fast.data import ByteDataset, resolve_data_path
 from bdh_fast.errors import UserError
 from bdh_fast.evaluate import evaluate, sample
 from bdh_fast.model import BDH
+from bdh_fast.optim import PARAM_GROUPS, apply_update, lr_lambda, make_optimizer
 from bdh_fast.telemetry.backends import Logger, make_logger, parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
 from bdh_fast.telemetry.grads import GradNorms
@@ -33,10 +33,6 @@ from bdh_fast.telemetry.profiling import MemorySnapshot, Profiler
 from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
 from bdh_fast.telemetry.throughput import StepTimer, flops_per_token, peak_tflops
 
-PARAM_GROUPS = {  # optimizer parameter groups (same hyper-parameters; named for per-group norms)
-    "embeddings": ["embed.weight", "lm_head"],
-    "neurons": ["encoder", "encoder_v", "decoder"],
-}
 FINAL_PROMPT = "To be or "  # the reference train.py's closing sample
 FINAL_SAMPLE_TOKENS = 100
 EVAL_SEED_OFFSET = 10_007  # eval batches come from their own stream, never the training one
@@ -90,42 +86,6 @@ def pick_dtype(config: RunConfig, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bfloat16"
     return "float32"
-
-
-def lr_lambda(config: RunConfig):
-    """Multiplier of --lr at each step: linear warmup, then constant, cosine or linear decay to
-    --min_lr over the remaining steps."""
-    floor = config.min_lr / config.lr
-
-    def factor(it: int) -> float:
-        if it < config.warmup_iters:
-            return (it + 1) / config.warmup_iters
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (it - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters))
-        if config.lr_schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 - (1 - floor) * progress
-
-    return factor
-
-
-def make_optimizer(model: BDH, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    params = dict(model.named_parameters())
-    groups = [{"params": [params[n] for n in names], "name": g} for g, names in PARAM_GROUPS.items()]
-    # fused: one kernel for the whole update, and it honours `found_inf` (skip on device, no sync).
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-
-
-def apply_update(optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler | None) -> None:
-    """The optimizer step (through the GradScaler for float16), zero_grad, then the LR schedule."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
 
 
 def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: int | None,

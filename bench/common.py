@@ -29,7 +29,7 @@ import torch
 from bdh_fast.config import RunConfig, resolve
 from bdh_fast.data import ByteDataset
 from bdh_fast.model import BDH
-from bdh_fast.train import apply_update, lr_lambda, make_optimizer
+from bdh_fast.optim import apply_update, lr_lambda, make_optimizer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

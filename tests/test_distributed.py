@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from test_train import corpus, metric_records  # noqa: F401  (fixture re-used)
+from test_train import metric_records
 
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 

@@ -14,7 +14,7 @@ from bdh_fast.evaluate import evaluate, sample
 from bdh_fast.model import BDH, BDHConfig
 
 from test_telemetry import make_trainer
-from test_train import corpus, metric_records, tiny_args  # noqa: F401  (fixture re-used)
+from test_train import metric_records, tiny_args
 
 
 def test_metrics_equal_an_independent_computation():

@@ -14,7 +14,7 @@ from bdh_fast import train
 from bdh_fast.model import BDH, BDHConfig, rope, rope_frequencies
 from bdh_fast.telemetry.probes import Probes
 
-from test_train import corpus, tiny_args  # noqa: F401  (fixture re-used)
+from test_train import tiny_args
 
 
 def manual_neurons(model: BDH, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

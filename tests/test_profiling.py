@@ -12,7 +12,7 @@ import torch
 
 from bdh_fast import train
 
-from test_train import corpus, tiny_args  # noqa: F401  (fixture re-used)
+from test_train import tiny_args
 
 RANGES = {"data", "forward", "backward", "optimizer", "telemetry/record", "telemetry/flush",
           "telemetry/probe", "eval", "sample", "checkpoint"}

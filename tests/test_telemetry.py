@@ -4,8 +4,6 @@ per flush, fused grad norms equal to torch's, non-finite handling, failing backe
 from __future__ import annotations
 
 import contextlib
-import json
-import pathlib
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from bdh_fast.telemetry import backends
 from bdh_fast.telemetry.buffer import StepBuffer
 from bdh_fast.telemetry.grads import GradNorms
 
-from test_train import corpus, metric_records, tiny_args  # noqa: F401  (fixture re-used)
+from test_train import metric_records, tiny_args
 
 # Host reads of tensor values: each one is (or would be, on a GPU) a device->host sync.
 HOST_READS = ["item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__",

@@ -12,21 +12,7 @@ import torch
 
 from bdh_fast import train
 from bdh_fast.config import RunConfig, resolve
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    if SHARED_CORPUS.is_file():
-        return SHARED_CORPUS
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"  # generated text, no download
-    words = ["to", "be", "or", "not", "the", "king", "shall", "love", "thee", "and", "my", "lord"]
-    g = torch.Generator().manual_seed(0)
-    picks = torch.randint(len(words), (60_000,), generator=g).tolist()
-    path.write_text(" ".join(words[i] for i in picks))
-    return path
+from bdh_fast.optim import lr_lambda
 
 
 def tiny_args(corpus, out_dir, name, *extra) -> list[str]:
@@ -162,7 +148,7 @@ def test_cpu_default_is_the_small_preset_announced_first():
 def test_lr_schedules():
     def lrs(**kw):
         config = RunConfig(**{"max_iters": 10, "lr": 1.0, "min_lr": 0.1, **kw})
-        factor = train.lr_lambda(config)
+        factor = lr_lambda(config)
         return [factor(i) for i in range(10)]
 
     assert lrs() == [1.0] * 10

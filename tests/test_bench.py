@@ -62,3 +62,30 @@ def test_overhead_quick():
     # the full variant really ran bdh_fast's telemetry: its steps reached metrics.jsonl
     assert record["full_steps_logged"] > 0
     assert_machine(record)
+
+
+@pytest.mark.compiled
+def test_run_all_quick_subset(tmp_path):
+    """run_all runs the named benchmarks as subprocesses and files one JSON and one markdown summary."""
+    proc = subprocess.run([sys.executable, "bench/run_all.py", "--quick", "--only", "overhead_matrix,stats",
+                           "--out_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"run_all exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (json_path,), (md_path,) = list(tmp_path.glob("*.json")), list(tmp_path.glob("*.md"))
+    summary = json.loads(json_path.read_text())
+    assert summary["bench"] == "run_all" and summary["quick"] is True and summary["failed"] == []
+    assert [e["name"] for e in summary["results"]] == ["overhead_matrix", "stats"]
+    records = {e["name"]: e["record"] for e in summary["results"]}
+    matrix = records["overhead_matrix"]
+    assert matrix["bench"] == "overhead_matrix" and matrix["preset"] == "tiny"
+    names = [row["row"] for row in matrix["rows"]]
+    assert names[:3] == ["log_train_freq 1", "log_train_freq 10", "log_train_freq 100"]
+    assert any("wandb" in n for n in names) and "probes" in names and any("nvml" in n for n in names)
+    for row in matrix["rows"]:
+        assert row["verdict"] in ("GOAL", "PASS", "FAIL", "SKIPPED", "N/A"), row
+        if row["status"] == "ok":
+            assert row["median_ms"] > 0 and math.isfinite(row["overhead_pct"])
+    assert records["stats"]["bench"] == "stats" and records["stats"]["speedup_cpu"] > 0
+    assert_machine(summary)
+    text = md_path.read_text()
+    assert "| benchmark | key figure | target | verdict |" in text
+    assert "overhead matrix" in text and "stats" in text and "Machine:" in text

@@ -19,14 +19,10 @@ bdh_fast.model.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +31,9 @@ from typing import Callable
 import torch
 
 from bdh_fast.model import BDH, BDHConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from common import machine_info  # noqa: E402
 
 PRESETS = {  # n_layer, n_embd, n_head, mlp_internal_dim_multiplier (dropout is off in eval anyway)
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=8),
@@ -63,31 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     return args
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_info(device: torch.device) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
@@ -126,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds, outputs[name] = timed(run(use_cache, args.new_tokens), device)
             times[name].append(seconds)
 
-    info = machine_info(device)
+    info = machine_info()
     med = {name: statistics.median(samples) for name, samples in times.items()}
     speedup = med["full"] / med["cached"]
     same = torch.equal(outputs["cached"], outputs["full"])

@@ -43,7 +43,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class RunConfig:
     # --- data and run directory
-    data: str | None = _f(None, "text file read as raw bytes (default: tiny Shakespeare, downloaded once into a user cache)")
+    data: str | None = _f(None, "text file read as raw bytes (default: tiny Shakespeare, shipped with the package)")
     val_fraction: float = _f(0.1, "last fraction of the file used as the validation split")
     out_dir: str = _f("runs", "directory holding one sub-directory per run")
     run_name: str | None = _f(None, "run sub-directory name (default: date-time + short id)")

@@ -1,4 +1,5 @@
-"""Byte corpus: locate (or download and cache) the text, memory-map it, split it, draw batches.
+"""Byte corpus: locate the text (the packaged tiny Shakespeare by default), memory-map it, split
+it, draw batches.
 
 The corpus is read as raw bytes (vocab 256), as the reference BDH train.py does: the first
 (1 - val_fraction) of the file is the train split, the rest the validation split. Batches are
@@ -9,12 +10,8 @@ Shape names used in the comments: B batch_size, T block_size.
 
 from __future__ import annotations
 
-import http.client
 import os
 import pathlib
-import shutil
-import tempfile
-import urllib.request
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,11 +19,7 @@ import torch
 
 from bdh_fast.errors import UserError
 
-DEFAULT_DATA_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-CACHE_FILE_NAME = "tinyshakespeare.txt"
-DOWNLOAD_TIMEOUT_S = 30.0
+DEFAULT_CORPUS = pathlib.Path(__file__).resolve().parent / "corpus" / "tinyshakespeare.txt"
 
 SPLITS = ("train", "val")
 
@@ -52,44 +45,6 @@ def decode(ids: Iterable[int]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> pathlib.Path:
-    """Where the downloaded corpus lives: $BDH_FAST_CACHE, else $XDG_CACHE_HOME/bdh_fast, else
-    ~/.cache/bdh_fast."""
-    explicit = os.environ.get("BDH_FAST_CACHE")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / ".cache"
-    return base / "bdh_fast"
-
-
-def _one_line(reason: object) -> str:
-    # Error messages must stay on one line (entry points print `error: <message>`).
-    return " ".join(str(reason).split())
-
-
-def _download(url: str, dest: pathlib.Path) -> None:
-    """Fetch `url` into `dest` atomically: the bytes go to a temporary file in the same directory
-    and are renamed into place only when complete, so an interrupted or failed download never
-    leaves a partial file that a later run would mistake for the corpus."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                shutil.copyfileobj(response, out)
-        if os.path.getsize(tmp_name) == 0:
-            raise OSError("the server returned an empty file")
-        os.replace(tmp_name, dest)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _check_corpus_file(path: pathlib.Path) -> None:
     if not path.exists():
         raise UserError(
@@ -104,30 +59,26 @@ def _check_corpus_file(path: pathlib.Path) -> None:
         raise UserError(f"data file {path} is empty; pass --data PATH to a non-empty text file")
 
 
+def default_corpus_path() -> pathlib.Path:
+    """tiny Shakespeare (1,115,394 bytes), shipped inside the package: the default needs no network,
+    no cache and no write access, so the first run works anywhere the package is installed."""
+    path = DEFAULT_CORPUS
+    if not path.is_file():
+        raise UserError(
+            f"the packaged corpus {path} is missing (a broken install?); reinstall bdh_fast "
+            "or pass --data PATH to a local text file"
+        )
+    return path
+
+
 def resolve_data_path(path: str | os.PathLike[str] | None) -> pathlib.Path:
-    """The corpus file to train on.
-
-    With a path: check that it is a non-empty file and return it. With None: tiny Shakespeare in
-    the cache directory, downloaded from DEFAULT_DATA_URL on first use.
-    """
-    if path is not None:
-        resolved = pathlib.Path(path).expanduser()
-        _check_corpus_file(resolved)
-        return resolved
-
-    cached = cache_dir() / CACHE_FILE_NAME
-    if not cached.is_file():
-        try:
-            _download(DEFAULT_DATA_URL, cached)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            # URLError/HTTPError/timeouts are OSErrors; a truncated response is an HTTPException.
-            reason = _one_line(exc) or type(exc).__name__
-            raise UserError(
-                f"could not download tiny Shakespeare from {DEFAULT_DATA_URL} into {cached} "
-                f"({reason}); pass --data PATH to a local text file instead"
-            ) from exc
-    _check_corpus_file(cached)
-    return cached
+    """The corpus file to train on: `path` checked to be a non-empty file, or with None the
+    packaged tiny Shakespeare."""
+    if path is None:
+        return default_corpus_path()
+    resolved = pathlib.Path(path).expanduser()
+    _check_corpus_file(resolved)
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------

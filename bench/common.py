@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from bdh_fast.config import RunConfig, resolve
-from bdh_fast.data import ByteDataset
+from bdh_fast.data import DEFAULT_CORPUS, ByteDataset
 from bdh_fast.model import BDH
 from bdh_fast.optim import apply_update, lr_lambda, make_optimizer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+CORPUS = DEFAULT_CORPUS  # tiny Shakespeare as the package ships it
 RANDOM_CORPUS_BYTES = 1 << 20
 
 
@@ -248,17 +248,15 @@ def bench_config(preset: str | None, device: str, **fields: Any) -> RunConfig:
 
 
 def corpus_file(kind: str, workdir: Path, seed: int = 1337) -> tuple[Path, str]:
-    """(path, description): tiny Shakespeare from ../shared/data, or a file of seeded random bytes
-    when `kind` is "random" or the corpus is missing. Every variant reads batches through
-    bdh_fast.data.ByteDataset, as training does."""
-    if kind == "corpus" and CORPUS.is_file():
-        return CORPUS, f"corpus {CORPUS}"
+    """(path, description): the packaged tiny Shakespeare, or with `kind` "random" a file of seeded
+    random bytes. Every variant reads batches through bdh_fast.data.ByteDataset, as training does."""
+    if kind == "corpus":
+        return CORPUS, "corpus tiny Shakespeare (packaged)"
     path = workdir / "random-bytes.bin"
     if not path.exists():
         rng = np.random.default_rng(seed)
         path.write_bytes(rng.integers(0, 256, RANDOM_CORPUS_BYTES, dtype=np.uint8).tobytes())
-    why = "" if kind == "random" else f" ({CORPUS} missing)"
-    return path, f"random bytes{why}"
+    return path, "random bytes"
 
 
 def configure_device(device: torch.device) -> None:

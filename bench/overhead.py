@@ -227,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, the default)")
     p.add_argument("--no_compile", action="store_true", help="train the eager model in every variant")
     p.add_argument("--data", choices=("corpus", "random"), default="corpus",
-                   help="tiny Shakespeare from ../shared/data (random bytes if missing), or random bytes")
+                   help="the packaged tiny Shakespeare, or random bytes")
     p.add_argument("--quick", action="store_true", help="tiny preset, one block of one window: checks the harness, no gate")
     p.add_argument("--save", action="store_true", help="file the table and JSON under bench/results/")
     p.add_argument("--matrix", action="store_true",

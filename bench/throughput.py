@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per variant (default 5 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after the first step")
     p.add_argument("--data", choices=("corpus", "random"), default="corpus",
-                   help="tiny Shakespeare from ../shared/data (random bytes if missing), or random bytes")
+                   help="the packaged tiny Shakespeare, or random bytes")
     p.add_argument("--peak_tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: GPU table; none on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny preset, 1 repeat of 2 steps: checks the harness, no gate")
     p.add_argument("--save", action="store_true", help="file the table and JSON under bench/results/")

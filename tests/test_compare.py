@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from bdh_fast import compare, train
+from bdh_fast.data import DEFAULT_CORPUS
 
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 STEPS = 12
 LRS = {"a": "1e-3", "b": "3e-3"}
 
@@ -24,11 +24,7 @@ LRS = {"a": "1e-3", "b": "3e-3"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Two finished tiny runs, a and b, that differ only in --lr."""
-    corpus = SHARED_CORPUS
-    if not corpus.is_file():  # generated text, no download
-        corpus = tmp_path_factory.mktemp("data") / "corpus.txt"
-        words = "to be or not the king shall love thee and my lord".split()
-        corpus.write_text(" ".join(words[(i * 7 + i // 5) % len(words)] for i in range(60_000)))
+    corpus = DEFAULT_CORPUS
     out = tmp_path_factory.mktemp("runs")
     for name, lr in LRS.items():
         argv = ["--preset", "tiny", "--no-compile", "--max_iters", str(STEPS), "--eval_freq", "6",

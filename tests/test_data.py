@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import io
+import json
 import os
-import urllib.error
-import urllib.request
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -215,70 +216,76 @@ def test_bad_sizes(corpus: Path, kwargs: dict[str, int], flag: str) -> None:
     assert_one_line_user_error(excinfo, flag)
 
 
-# --- cache and download ---------------------------------------------------------------------
+# --- the packaged default corpus ----------------------------------------------------------------
 
 
-def test_none_uses_cached_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BDH_FAST_CACHE", str(tmp_path))
-    cached = tmp_path / "tinyshakespeare.txt"
-    cached.write_text("First Citizen:\n")
+def _block_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every socket connect and name lookup fails (and is recorded), as on a machine offline."""
+    attempts: list[str] = []
 
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError("must not download when the cache holds the file")
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(repr(args))
+        raise OSError("network is blocked in this test")
 
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    assert resolve_data_path(None) == cached
-
-
-def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BDH_FAST_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data_mod.cache_dir() == tmp_path / "xdg" / "bdh_fast"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert data_mod.cache_dir() == Path.home() / ".cache" / "bdh_fast"
-    monkeypatch.setenv("BDH_FAST_CACHE", str(tmp_path / "explicit"))
-    assert data_mod.cache_dir() == tmp_path / "explicit"
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
 
 
-def test_download_failure_is_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BDH_FAST_CACHE", str(tmp_path))
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(UserError) as excinfo:
-        resolve_data_path(None)
-    assert_one_line_user_error(excinfo, "--data", "Name or service not known")
-    assert os.listdir(tmp_path) == []  # no partial or temporary file left behind
-
-
-def test_download_writes_cache_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BDH_FAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"To be or not"))
+def test_default_is_the_packaged_corpus_offline_with_empty_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = _block_network(monkeypatch)
+    for var in ("HOME", "XDG_CACHE_HOME", "BDH_FAST_CACHE"):
+        monkeypatch.setenv(var, str(tmp_path / "empty"))
     path = resolve_data_path(None)
-    assert path == tmp_path / "cache" / "tinyshakespeare.txt"
-    assert path.read_bytes() == b"To be or not"
-    assert os.listdir(tmp_path / "cache") == ["tinyshakespeare.txt"]
+    assert path == data_mod.DEFAULT_CORPUS
+    assert path.is_relative_to(Path(data_mod.__file__).parent)  # inside the installed package
+    assert path.stat().st_size == 1_115_394
+    assert path.read_bytes().startswith(b"First Citizen:\nBefore we proceed any further")
+    assert attempts == [] and not (tmp_path / "empty").exists()  # no network, nothing written
+    dataset = ByteDataset(path, block_size=8, batch_size=2)
+    assert dataset.train_len + dataset.val_len == 1_115_394
 
 
-def test_truncated_download_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Broken:
-        def __enter__(self) -> "Broken":
-            return self
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="no shared/data/tinyshakespeare.txt")
+def test_packaged_corpus_is_the_reference_corpus() -> None:
+    assert data_mod.DEFAULT_CORPUS.read_bytes() == SHAKESPEARE.read_bytes()
 
-        def __exit__(self, *exc: object) -> None:
-            return None
 
-        def read(self, *args: object) -> bytes:
-            raise ConnectionResetError("connection reset by peer")
-
-    monkeypatch.setenv("BDH_FAST_CACHE", str(tmp_path))
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Broken())
+def test_missing_packaged_corpus_is_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_mod, "DEFAULT_CORPUS", tmp_path / "gone.txt")
     with pytest.raises(UserError) as excinfo:
         resolve_data_path(None)
-    assert_one_line_user_error(excinfo, "--data", "connection reset")
-    assert os.listdir(tmp_path) == []
+    assert_one_line_user_error(excinfo, "--data", "reinstall")
+
+
+def test_main_job_trains_offline_with_no_data_flag(tmp_path: Path) -> None:
+    """The README's first line on a machine with no network: no --data, an empty HOME and cache,
+    and every socket refused in the training process itself (a sitecustomize patches them)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _refuse(*a, **k):\n"
+        "    raise OSError('network is blocked in this test')\n"
+        "socket.socket.connect = _refuse\n"
+        "socket.getaddrinfo = _refuse\n"
+        "socket.create_connection = _refuse\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("BDH_FAST_CACHE", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "bdh_fast.train", "--preset", "tiny", "--max_iters", "3", "--log_freq", "3",
+         "--no-compile", "--out_dir", str(tmp_path / "runs"), "--run_name", "offline", "--eval_freq", "0",
+         "--generate_freq", "0"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Step: 3/3" in out.stdout
+    config = json.loads((tmp_path / "runs" / "offline" / "config.json").read_text())
+    assert Path(config["data_path"]) == data_mod.DEFAULT_CORPUS
+    assert list(home.iterdir()) == []  # no cache written
 
 
 # --- encode / decode ------------------------------------------------------------------------

@@ -5,7 +5,9 @@ At import this module decides once whether `bdh_fast._C` (built from csrc/ by se
 If it does, `torch.ops.bdh_fast.tensor_stats` runs the C++ kernel on CPU (HAS_NATIVE is True).
 If not, or if the environment has BDH_FAST_FORCE_FALLBACK=1, it warns once and registers the
 pure-PyTorch reference under the same op name, so callers never need to know. On CUDA the op runs
-the Triton kernels of bdh_fast/triton_stats.py (the reference if triton is not installed).
+the Triton kernels of bdh_fast/triton_stats.py once they pass a small self-check against the
+reference; if triton is missing, a kernel fails, or the check disagrees, the op runs the reference on
+CUDA for the rest of the process, with one warning (`_TritonGate`).
 
 ## tensor_stats(x, bins) -> (stats, hist)
 
@@ -55,6 +57,8 @@ import torch
 __all__ = [
     "HAS_NATIVE",
     "STATS_FIELDS",
+    "check_cuda_kernels",
+    "triton_off_reason",
     "STATS_SIZE",
     "stats_to_dict",
     "tensor_stats",
@@ -126,14 +130,94 @@ def _fake_tensor_stats(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.
     return x.new_empty(STATS_SIZE, dtype=torch.float64), x.new_empty(bins, dtype=torch.int64)
 
 
-def _cuda_tensor_stats(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # Triton is imported on the first CUDA call, not at import: CPU-only runs never pay for it.
-    # It is optional (the `triton` extra); without it CUDA tensors take the reference.
-    try:
-        from bdh_fast.triton_stats import triton_tensor_stats
-    except ImportError:
+class _TritonGate:
+    """Serves `tensor_stats` on CUDA with the Triton kernels while they prove right, else the reference.
+
+    A Triton kernel that fails to import, compile or run, or whose result on a small self-check
+    disagrees with the pure-PyTorch reference, switches the op to the reference for the rest of the
+    process, with one warning naming the reason (DESIGN.md invariant 9: an optional part never ends
+    a run). The decision is made once per kernel variant (device, dtype, histogram path), at its
+    first use, and never revisited. That first use reads one flag back to the host (the self-check's
+    verdict): a one-time sync, which `check_cuda_kernels` lets a trainer pay at start-up instead of
+    at its first probe step.
+    """
+
+    SELF_CHECK_NUMEL = 20_000  # two Triton programs (16K elements each), NaN/Inf included
+    TL_HISTOGRAM_MAX_BINS = 1024  # as bdh_fast.triton_stats.MAX_TL_HISTOGRAM_BINS: another code path above
+
+    def __init__(self) -> None:
+        self.kernel = None  # bdh_fast.triton_stats.triton_tensor_stats, once imported
+        self.off_reason: str | None = None
+        self.checked: set[tuple] = set()
+
+    def __call__(self, x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.off_reason is None:
+            try:
+                if self.kernel is None:
+                    self.kernel = _import_triton_kernel()
+                self._check(x.device, x.dtype, bins)
+                return self.kernel(x, bins)
+            except Exception as e:  # import, compile, launch, or a wrong self-check
+                self.disable(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
         return tensor_stats_reference(x, bins)
-    return triton_tensor_stats(x, bins)
+
+    def _check(self, device: torch.device, dtype: torch.dtype, bins: int) -> None:
+        key = (device, dtype, bins > self.TL_HISTOGRAM_MAX_BINS)
+        if key in self.checked:
+            return
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(self.SELF_CHECK_NUMEL, generator=generator).mul_(3.0)
+        probe[::997] = float("nan")
+        probe[5::1009] = float("inf")
+        probe[7::1013] = float("-inf")
+        probe[11::101] = 0.0
+        probe = probe.to(device=device, dtype=dtype)  # (SELF_CHECK_NUMEL,)
+        check_bins = bins if bins <= self.TL_HISTOGRAM_MAX_BINS else self.TL_HISTOGRAM_MAX_BINS + 1
+        stats, hist = self.kernel(probe, check_bins)
+        ref_stats, ref_hist = tensor_stats_reference(probe, check_bins)
+        exact = [0, 3, 4, 5, 6, 7, 8]  # counts and extremes agree bit for bit; sums to summation order
+        same_exact = torch.equal(stats[exact].nan_to_num(-1.0), ref_stats[exact].nan_to_num(-1.0))
+        l1 = probe.double().nan_to_num(0.0, 0.0, 0.0).abs().sum()
+        close_sums = ((stats[1:3] - ref_stats[1:3]).abs() <= 1e-9 * (l1 + ref_stats[2]) + 1e-12).all()
+        if not (same_exact and bool(close_sums) and torch.equal(hist, ref_hist)):  # SYNC POINT (once per variant)
+            raise RuntimeError(f"self-check on {self.SELF_CHECK_NUMEL} {dtype} values with {check_bins} bins "
+                               "disagrees with the reference")
+        self.checked.add(key)
+
+    def disable(self, reason: str) -> None:
+        if self.off_reason is not None:
+            return
+        self.off_reason = reason
+        warnings.warn(f"bdh_fast: Triton tensor_stats off ({reason}); tensor_stats runs the pure-PyTorch "
+                      "reference on CUDA for the rest of the run", RuntimeWarning, stacklevel=3)
+
+
+def _import_triton_kernel():
+    try:
+        from bdh_fast.triton_stats import triton_tensor_stats  # triton is imported here, lazily
+    except ImportError as e:  # triton is an optional extra
+        raise ImportError(f"triton is not importable ({e})") from e
+    return triton_tensor_stats
+
+
+_TRITON = _TritonGate()
+
+
+def _cuda_tensor_stats(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _TRITON(x, bins)
+
+
+def check_cuda_kernels(device: torch.device | str, dtypes: tuple[torch.dtype, ...], bins: int) -> str | None:
+    """Decide now, not at the first probe, whether Triton serves tensor_stats on `device` for these
+    dtypes (one small self-check each; a sync). Returns the reason Triton is off, or None."""
+    for dtype in dtypes:
+        tensor_stats(torch.zeros(1, device=device, dtype=dtype), bins)
+    return _TRITON.off_reason
+
+
+def triton_off_reason() -> str | None:
+    """Why tensor_stats runs the reference on CUDA (None while the Triton kernels serve it)."""
+    return _TRITON.off_reason
 
 
 def _load_native() -> bool:

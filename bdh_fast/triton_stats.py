@@ -11,6 +11,12 @@ Three launches, no host round trip:
    float64 arithmetic the reference uses, counts them with `tl.histogram` into a per-program
    histogram and adds that to `hist` with int64 atomics (integers: the result is deterministic).
 
+Triton versions: torch 2.4-2.11 pin triton 3.0-3.6. `tl.histogram(..., mask=)` exists only from
+triton 3.4, so the kernel never passes a mask: elements that must not count go to a padding bucket
+(index `bins`) that is never written back. `torch.library.wrap_triton` (torch >= 2.6) is not used
+either: the kernels run inside an opaque custom op's CUDA implementation, on real tensors, where a
+plain launch is what wrap_triton would do anyway.
+
 `triton_tensor_stats(x, bins)` runs them. It takes CUDA tensors, or CPU tensors when the
 environment has TRITON_INTERPRET=1 before triton is imported (that is how the tests run it).
 """
@@ -18,7 +24,6 @@ environment has TRITON_INTERPRET=1 before triton is imported (that is how the te
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 BLOCK = 1024  # elements per tile: one vector of lanes
 TILES = 16  # tiles per program: 16K elements, so 134M elements make 8K partials
@@ -125,7 +130,8 @@ def _hist_kernel(x_ptr, stats_ptr, hist_ptr, numel, bins,
         pos = tl.where(pos < last, pos, last)  # the last bucket holds max (and a NaN from overflow)
         idx = tl.where(counted, pos, 0.0).to(tl.int32)
         if USE_TL_HISTOGRAM:
-            local += tl.histogram(idx, BINS_P2, mask=counted)
+            # No `mask=` (triton >= 3.4 only): the uncounted go to the padding bucket `bins`.
+            local += tl.histogram(tl.where(counted, idx, bins), BINS_P2)
         else:
             tl.atomic_add(hist_ptr + idx, tl.full([BLOCK], 1, tl.int64), mask=counted, sem="relaxed")
     if USE_TL_HISTOGRAM:
@@ -147,13 +153,13 @@ def triton_tensor_stats(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch
     stats = torch.empty(9, dtype=torch.float64, device=flat.device)
     hist = torch.zeros(bins, dtype=torch.int64, device=flat.device)
     grid = (num_programs,)
-    wrap_triton(_stats_partials_kernel)[grid](flat, partials, numel, num_programs,
+    _stats_partials_kernel[grid](flat, partials, numel, num_programs,
                                               ACC=acc, BLOCK=BLOCK, TILES=TILES)
     block_p = min(1024, triton.next_power_of_2(num_programs))
-    wrap_triton(_stats_finalize_kernel)[(1,)](partials, stats, numel, num_programs, BLOCK_P=block_p)
+    _stats_finalize_kernel[(1,)](partials, stats, numel, num_programs, BLOCK_P=block_p)
     use_tl_histogram = bins <= MAX_TL_HISTOGRAM_BINS
-    # tl.histogram wants a power-of-two bin count; the padding buckets are never written back.
-    bins_p2 = max(32, triton.next_power_of_2(bins)) if use_tl_histogram else 1
-    wrap_triton(_hist_kernel)[grid](flat, stats, hist, numel, bins,
+    # tl.histogram wants a power-of-two bin count; bucket `bins` and above are padding, never written back.
+    bins_p2 = max(32, triton.next_power_of_2(bins + 1)) if use_tl_histogram else 1
+    _hist_kernel[grid](flat, stats, hist, numel, bins,
                                     BLOCK=BLOCK, TILES=TILES, BINS_P2=bins_p2, USE_TL_HISTOGRAM=use_tl_histogram)
     return stats, hist

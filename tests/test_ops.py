@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -433,3 +434,121 @@ def test_cuda_op_matches_cpu_op():
     exact = [COUNT, MIN, MAX, NONZERO, ABSMAX, NAN_COUNT, INF_COUNT]
     torch.testing.assert_close(gpu_stats.cpu()[exact], cpu_stats[exact], rtol=0, atol=0)
     torch.testing.assert_close(gpu_stats.cpu()[[SUM, SUM_SQ]], cpu_stats[[SUM, SUM_SQ]], rtol=1e-9, atol=1e-9 * x.abs().sum().item())
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_op_is_served_by_triton_not_the_fallback():
+    """The CUDA results above must come from the Triton kernels: the gate never switched them off."""
+    pytest.importorskip("triton")
+    for dtype in DTYPES:
+        tensor_stats(torch.randn(50_000, device="cuda").to(dtype), 64)
+        tensor_stats(torch.randn(50_000, device="cuda").to(dtype), 3000)
+    assert ops.triton_off_reason() is None
+
+
+# --- the Triton gate: a kernel that fails or lies never ends a run --------------------------------
+# The gate is exercised on CPU tensors with a stand-in kernel (its logic does not depend on the
+# device); the real kernels go through it under TRITON_INTERPRET=1 in a subprocess.
+
+
+def _gate_with(kernel):
+    gate = ops._TritonGate()
+    gate.kernel = kernel
+    return gate
+
+
+def test_gate_kernel_that_raises_falls_back_once_with_one_warning():
+    calls = []
+
+    def broken(x, bins):
+        calls.append(bins)
+        raise RuntimeError("PTX compile failed: out of resources")
+
+    gate = _gate_with(broken)
+    x = inputs_with_specials(3000, torch.float32)
+    with pytest.warns(RuntimeWarning, match="Triton tensor_stats off .*PTX compile failed") as record:
+        results = [gate(x, 64) for _ in range(3)]
+    assert len([w for w in record if "Triton" in str(w.message)]) == 1
+    assert calls == [64]  # tried once, then never again
+    assert "PTX compile failed" in gate.off_reason
+    for stats, hist in results:
+        assert_stats_match(x, stats, hist, 64)
+
+
+def test_gate_kernel_with_a_wrong_answer_is_caught_by_the_self_check():
+    def off_by_one_bucket(x, bins):
+        stats, hist = tensor_stats_reference(x, bins)
+        return stats, hist.roll(1)
+
+    gate = _gate_with(off_by_one_bucket)
+    x = torch.randn(5000)
+    with pytest.warns(RuntimeWarning, match="self-check .* disagrees"):
+        stats, hist = gate(x, 64)
+    assert_stats_match(x, stats, hist, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        gate(x, 64)
+
+
+def test_gate_wrong_sum_is_caught_too():
+    def bad_sum(x, bins):
+        stats, hist = tensor_stats_reference(x, bins)
+        return stats + torch.eye(STATS_SIZE, dtype=stats.dtype)[SUM], hist
+
+    gate = _gate_with(bad_sum)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        gate(torch.randn(100), 8)
+
+
+def test_gate_checks_each_variant_once_then_trusts_it():
+    calls = []
+
+    def correct(x, bins):
+        calls.append((x.dtype, bins, x.numel()))
+        return tensor_stats_reference(x, bins)
+
+    gate = _gate_with(correct)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            gate(torch.randn(10), 64)
+        gate(torch.randn(10).to(torch.bfloat16), 64)
+        gate(torch.randn(10), 2000)  # the atomics histogram path is another variant
+    check = ops._TritonGate.SELF_CHECK_NUMEL
+    assert calls == [(torch.float32, 64, check), (torch.float32, 64, 10), (torch.float32, 64, 10),
+                     (torch.float32, 64, 10), (torch.bfloat16, 64, check), (torch.bfloat16, 64, 10),
+                     (torch.float32, 1025, check), (torch.float32, 2000, 10)]
+    assert gate.off_reason is None
+
+
+def test_gate_without_triton_warns_once(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bdh_fast.triton_stats", None)  # import fails as if not installed
+    gate = ops._TritonGate()
+    x = torch.randn(100)
+    with pytest.warns(RuntimeWarning, match="triton is not importable") as record:
+        gate(x, 8)
+        gate(x, 8)
+    assert len(record) == 1
+    assert_stats_match(x, *gate(x, 8), 8)
+
+
+def test_gate_with_the_real_kernels_in_the_interpreter():
+    code = """
+        import warnings
+        import torch
+        from bdh_fast import ops
+        from bdh_fast.triton_stats import triton_tensor_stats
+        warnings.simplefilter("error")
+        gate = ops._TritonGate()
+        x = torch.randn(3000)
+        for dtype in (torch.float32, torch.bfloat16):
+            stats, hist = gate(x.to(dtype), 64)
+            ref_stats, ref_hist = ops.tensor_stats_reference(x.to(dtype), 64)
+            assert torch.equal(hist, ref_hist)
+        assert gate.off_reason is None and gate.kernel is triton_tensor_stats, gate.off_reason
+        print("ok", len(gate.checked))
+    """
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "ok 2"

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch.profiler import record_function
 
-from bdh_fast import checkpoint, distributed
+from bdh_fast import checkpoint, distributed, ops
 from bdh_fast.config import RunConfig, parse_flags, resolve
 from bdh_fast.data import ByteDataset, resolve_data_path
-from bdh_fast.errors import UserError
+from bdh_fast.errors import UserError, warn_part_off
 from bdh_fast.evaluate import evaluate, sample
 from bdh_fast.model import BDH
 from bdh_fast.optim import PARAM_GROUPS, apply_update, lr_lambda, make_optimizer
@@ -192,6 +192,11 @@ class Trainer:
         if config.probe_freq and self.telemetry and self.dist.is_main:
             probe_x = self.data.fixed_batches("val", 1, config.seed + EVAL_SEED_OFFSET)[0][0]  # (B, T)
             self.probes = Probes(self.model, probe_x, config.hist_bins, self.autocast)
+            if self.device.type == "cuda":
+                # Decide now whether Triton serves the probes' statistics (one self-check per dtype, a
+                # sync at start-up), not at the first probe step; a failing kernel means the reference.
+                ops.check_cuda_kernels(self.device, tuple({torch.float32, self.autocast_dtype or torch.float32}),
+                                       config.hist_bins)
         self.step = self.start_step
         self.console_losses: list[float] = []
         self.weights_suspect = False  # a non-finite update was applied (--on_nonfinite warn)
@@ -238,7 +243,10 @@ class Trainer:
                 loss.backward()
         if self.is_probe_step(step):
             with record_function("telemetry/probe"):
-                self.probes.before_update()  # gradient histograms + weights copy, on the device
+                try:
+                    self.probes.before_update()  # gradient histograms + weights copy, on the device
+                except Exception as e:
+                    self.probes_failed(e, step)
         with record_function("telemetry/grad_norms"):
             loss = loss.detach().float().view(1)
             if self.grad_norms is not None:
@@ -324,10 +332,19 @@ class Trainer:
 
     @record_function("telemetry/probe")
     def probe(self) -> None:
-        metrics, histograms = self.probes.collect()  # SYNC POINT (probe), one read
+        try:
+            metrics, histograms = self.probes.collect()  # SYNC POINT (probe), one read
+        except Exception as e:
+            self.probes_failed(e, self.step)
+            return
         self.logger.log_metrics(metrics, self.step)
         for name, histogram in histograms.items():
             self.logger.log_histogram(name, histogram, self.step)
+
+    def probes_failed(self, error: Exception, step: int) -> None:
+        """A probe or histogram raised: one warning, probes off, training and its metrics go on."""
+        self.probes = None
+        warn_part_off(f"model probes at step {step}", error, "probes are off for the rest of the run")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)

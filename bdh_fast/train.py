@@ -7,10 +7,19 @@ on-device StepBuffer, and the host sees it only at a flush, every --log_train_fr
 
 from __future__ import annotations
 
-import contextlib
+import signal
+
+# `python -m bdh_fast.train`: from the first moment, before the second or more of `import torch`, a
+# preemption signal is only noted; run() honours it at the first step boundary (StopRequest).
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signum, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+import contextlib  # noqa: E402  (after the early signal handlers, on purpose)
+import json
 import os
 import pathlib
-import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -36,16 +45,43 @@ from bdh_fast.telemetry.throughput import StepTimer, flops_per_token, peak_tflop
 FINAL_PROMPT = "To be or "  # the reference train.py's closing sample
 FINAL_SAMPLE_TOKENS = 100
 EVAL_SEED_OFFSET = 10_007  # eval batches come from their own stream, never the training one
+LOG_FLUSH_TIMEOUT_S = 120.0  # how long a checkpoint waits for the backends to write what precedes it
 
 
-def _rank_gpu_name(name: str, rank: int) -> str:
-    """system/gpu<i>/metric -> system/gpu<rank>/metric (each rank samples its own GPU)."""
-    head, _, tail = name.partition("/gpu")
-    return f"{head}/gpu{rank}/{tail.split('/', 1)[1]}" if tail else name
+class StopRequest:
+    """SIGTERM and SIGINT (what a scheduler sends before preemption, and Ctrl-C) only set this flag.
 
+    The loop honours it at the next step boundary, after everything due at that step (flush,
+    evaluation, samples, checkpoint), so the checkpoint it then writes holds one consistent step:
+    weights, optimizer, data stream and RNG all after update s, and every record up to s. Under
+    torchrun the ranks agree on the stop through the flush's one all_reduce. A second Ctrl-C stops
+    at once, as a crash would: the last checkpoint stands.
+    """
 
-class Interrupted(Exception):
-    """Raised in the main thread by SIGTERM (Ctrl-C raises KeyboardInterrupt)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> StopRequest:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,23 +89,75 @@ class Interrupted(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+# What a run leaves in its directory; a fresh run refuses a directory holding any of them.
+RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "wandb_id.txt", "events.out.tfevents.*", "*.pt.trace.json*")
+
+
+def earlier_run_files(run_dir: pathlib.Path) -> list[str]:
+    return sorted({p.name for pattern in RUN_FILES for p in run_dir.glob(pattern)})
+
+
 def resolve_config(argv: Sequence[str] | None) -> tuple[RunConfig, dict[str, Any] | None]:
-    """Flags -> RunConfig; with --resume, the checkpoint's config is the base."""
+    """Flags -> RunConfig; with --resume, the checkpoint's config is the base.
+
+    `--resume DIR` on a run directory that has no checkpoint yet (preempted before its first one, or
+    before it even made the directory) starts that run over from step 0, in that directory, with
+    its earlier logs removed: so a preemption script can always pass the same flags plus --resume.
+    A fresh run refuses a directory with run files.
+    """
     parser, explicit = parse_flags(argv)
     state = None
     base = None
+    restart_dir = None
     if "resume" in explicit:
-        path = checkpoint.locate(explicit["resume"])
-        state = checkpoint.load(path)
-        checkpoint.check_model_flags(state["config"], explicit, path)
-        # The run continues in the checkpoint's own directory, under its own name.
-        base = {**state["config"], "out_dir": str(path.parent.parent), "run_name": path.parent.name}
-        explicit = {k: v for k, v in explicit.items() if k not in ("out_dir", "run_name")}
+        resume = pathlib.Path(explicit["resume"]).expanduser()
+        never_saved = resume.is_dir() and not (resume / checkpoint.CKPT_NAME).exists()
+        never_started = not resume.exists() and resume.suffix != ".pt"  # killed before it made its directory
+        if never_saved or never_started:
+            restart_dir = resume
+            base = _saved_run_config(resume) or None  # the crashed segment's config, if it wrote one
+            explicit = {**explicit, "out_dir": str(resume.parent), "run_name": resume.name}
+        else:
+            path = checkpoint.locate(explicit["resume"])
+            state = checkpoint.load(path)
+            checkpoint.check_model_flags(state["config"], explicit, path)
+            # The run continues in the checkpoint's own directory, under its own name.
+            base = {**state["config"], "out_dir": str(path.parent.parent), "run_name": path.parent.name}
+            explicit = {k: v for k, v in explicit.items() if k not in ("out_dir", "run_name")}
     try:
         config = resolve(explicit, cuda_available=torch.cuda.is_available(), base=base)
     except UserError as e:
         parser.error(str(e))
+    run_dir = pathlib.Path(config.out_dir) / config.run_name
+    if restart_dir is not None and restart_dir.is_dir():
+        print(f"--resume: {restart_dir} has no checkpoint yet; starting it over from step 0 "
+              f"(its earlier logs are removed)", flush=True)
+        _remove_run_files(restart_dir)
+    elif restart_dir is not None:
+        print(f"--resume: {restart_dir} does not exist yet (no run started there); starting it from step 0",
+              flush=True)
+    elif state is None and run_dir.is_dir() and earlier_run_files(run_dir):
+        raise UserError(f"{run_dir} already holds a run ({', '.join(earlier_run_files(run_dir)[:4])}); pass "
+                        f"--resume {run_dir} to continue it, or another --run_name")
     return config, state
+
+
+def _saved_run_config(run_dir: pathlib.Path) -> dict[str, Any]:
+    """The RunConfig fields of a run's config.json (none if it never wrote one, or it is unreadable)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    fields = RunConfig.__dataclass_fields__
+    return {k: v for k, v in saved.items() if k in fields} if isinstance(saved, dict) else {}
+
+
+def _remove_run_files(run_dir: pathlib.Path) -> None:
+    for pattern in RUN_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    if (run_dir / "wandb").is_dir():  # the crashed segment's W&B run: kept aside, not synced with the new one
+        (run_dir / "wandb").rename(run_dir / f"wandb.before-restart-{int(time.time())}")
 
 
 def pick_device(config: RunConfig, local_rank: int = 0) -> torch.device:
@@ -109,17 +197,16 @@ def announce(config: RunConfig, device: torch.device, dtype: str, resumed_step: 
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None):
+    def __init__(self, config: RunConfig, resume_state: dict[str, Any] | None, stop: StopRequest | None = None):
         self.config = config
+        self.stop = stop or StopRequest()  # installed by run(); a library caller may install its own
+        self.stop_agreed = False  # under torchrun: every rank has seen a stop request (set at a flush)
         self.dist = distributed.init(use_cuda=pick_device(config).type == "cuda")
         self.device = pick_device(config, self.dist.local_rank)
         self.dtype = pick_dtype(config, self.device)
         self.start_step = resume_state["step"] if resume_state else 0
         self.run_dir = pathlib.Path(config.out_dir) / config.run_name
         self.ckpt_path = self.run_dir / checkpoint.CKPT_NAME
-        if resume_state is None and self.ckpt_path.exists():
-            raise UserError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} "
-                            "to continue it, or another --run_name")
         backend_names = parse_backends(config.log_backend)
         self.data = ByteDataset(resolve_data_path(config.data), config.block_size, config.batch_size,
                                 config.val_fraction, self.device, config.seed + self.dist.rank)
@@ -135,8 +222,11 @@ class Trainer:
         wrapped: torch.nn.Module = self.model
         if self.dist.enabled:
             torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout stream
+            # broadcast_buffers=False: the only buffer is RoPE's constant frequency table; broadcasting
+            # it would add a collective to every step.
             wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         # Train the compiled module (DDP inside, as torch documents); keep `self.model` for
         # state_dict() and generation.
         self.train_model = torch.compile(wrapped, dynamic=False) if config.compile else wrapped
@@ -153,12 +243,16 @@ class Trainer:
         if self.telemetry or config.grad_clip > 0:
             self.grad_norms = GradNorms(list(self.model.named_parameters()), PARAM_GROUPS, self.device)
         norm_names = self.grad_norms.names if self.grad_norms else []
-        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite"], config.log_train_freq, self.device)
+        scaler_names = ["train/grad_scale", "train/scaler_skipped"] if self.scaler is not None else []
+        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names], config.log_train_freq,
+                                 self.device)
         self.timer = StepTimer(self.device)
         self.tokens_per_step = config.batch_size * config.block_size * self.dist.world_size
         self.flops_per_token = flops_per_token(config.model_config(), config.block_size)
         self.peak_tflops = peak_tflops(self.device, self.dtype, config.peak_tflops)
-        self.skip_nonfinite = config.on_nonfinite in ("stop", "skip") and self.scaler is None
+        # Is a non-finite step's update left out? Always under fp16 (the GradScaler skips it, NaN
+        # gradients included); otherwise as --on_nonfinite says.
+        self.skip_nonfinite = self.scaler is not None or config.on_nonfinite in ("stop", "skip")
 
         self.resolved = {**config.to_dict(), "resolved_device": str(self.device),
                          "resolved_dtype": self.dtype, "n_params": self.n_params,
@@ -218,14 +312,18 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        per_rank = rng.get("data_ranks")
-        if per_rank is not None and len(per_rank) != self.dist.world_size:
-            raise UserError(f"--resume: the checkpoint was saved by {len(per_rank)} ranks, this run has "
+        saved_ranks = len(rng.get("ranks") or [None])
+        if saved_ranks != self.dist.world_size:
+            raise UserError(f"--resume: the checkpoint was saved by {saved_ranks} rank(s), this run has "
                             f"{self.dist.world_size}; resume with the same number of processes")
-        self.data.load_state_dict(per_rank[self.dist.rank] if per_rank else rng["data"])
+        mine = rng["ranks"][self.dist.rank] if rng.get("ranks") else rng  # each rank its own streams
+        torch.set_rng_state(mine["torch"])
+        cuda_state = mine.get("cuda")
+        if self.device.type == "cuda" and isinstance(cuda_state, list):  # older checkpoints: every device
+            torch.cuda.set_rng_state_all(cuda_state)
+        elif self.device.type == "cuda" and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.device)
+        self.data.load_state_dict(mine["data"])
 
     # --- one step: no host sync anywhere in here ------------------------------------------------
 
@@ -249,18 +347,26 @@ class Trainer:
                     self.probes_failed(e, step)
         with record_function("telemetry/grad_norms"):
             loss = loss.detach().float().view(1)
+            extra: list[torch.Tensor] = []
             if self.grad_norms is not None:
                 norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
-                nonfinite = ~(torch.isfinite(loss) & torch.isfinite(norms[:1]))  # (1,)
+                grads_finite = torch.isfinite(norms[:1])  # (1,)
             else:
-                norms, nonfinite = loss[:0], ~torch.isfinite(loss)
-            if self.skip_nonfinite:
-                self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
+                norms, grads_finite = loss[:0], torch.ones_like(loss, dtype=torch.bool)
+            if self.scaler is not None:
+                # A non-finite gradient under fp16 is the scaler's search for a scale: it skips that
+                # update and lowers the scale itself. Only a non-finite loss is a real divergence.
+                nonfinite = ~torch.isfinite(loss)
+                extra = [self.scaler._scale.float().view(1), (~grads_finite).float()]  # scale used, skipped
+            else:
+                nonfinite = ~(torch.isfinite(loss) & grads_finite)  # (1,)
+                if self.skip_nonfinite:
+                    self.optimizer.found_inf = nonfinite.float().squeeze()  # the fused step skips on device
         lr = self.optimizer.param_groups[0]["lr"]
         with record_function("optimizer"):
             apply_update(self.optimizer, self.scheduler, self.scaler)
         with record_function("telemetry/record"):
-            self.buffer.record(step, torch.cat([loss, norms, nonfinite.float()]), {"train/lr": lr})
+            self.buffer.record(step, torch.cat([loss, norms, nonfinite.float(), *extra]), {"train/lr": lr})
         self.timer.stop()
 
     # --- flush: the one place per window where the host reads training values ------------------
@@ -270,14 +376,23 @@ class Trainer:
             self._flush()
 
     def _flush(self) -> None:
-        # SYNC POINT: one copy + one wait per window; under torchrun first ONE all_reduce (mean over
-        # ranks) of the whole window (skipped once a peer may be gone: then rank 0 logs its own).
-        reduce = (lambda window: distributed.mean_(window, self.dist)) if self.collectives_ok else None
-        rows = self.buffer.flush(reduce)
+        # SYNC POINT: one copy + one wait per window; under torchrun first ONE all_reduce of the whole
+        # window packed with each rank's stop request and GPU stats (skipped once a peer may be gone:
+        # then rank 0 logs its own).
+        gpus = self.gpu.window_means() if self.telemetry else {}
+        exchange = None
+        if self.dist.enabled and self.collectives_ok and len(self.buffer):
+            exchange = distributed.FlushExchange(self.dist, self.stop.requested,
+                                                 gpus if self.device.type == "cuda" else None)
+        rows = self.buffer.flush(exchange)
         if not rows:
             return
+        if exchange is not None:
+            self.stop_agreed |= exchange.stop_requested  # the same answer on every rank
+            if self.device.type == "cuda":
+                gpus = exchange.gpu_means
         times_ms = self.timer.read_ms()
-        window = self.system_window() if self.telemetry else {}
+        window = {**gpus, **cuda_memory_stats(self.device)} if self.telemetry else {}
         first_bad = None
         for (step, values), step_ms in zip(rows, times_ms):
             if values.pop("nonfinite") and first_bad is None:
@@ -285,9 +400,9 @@ class Trainer:
             if step > self.measured_from or not self.config.compile:
                 values["perf/step_ms"] = step_ms
                 values["perf/tokens_per_sec"] = self.tokens_per_step / (step_ms / 1e3)
-                if self.peak_tflops:
+                if self.peak_tflops:  # per GPU: all ranks' tokens over all ranks' peak
                     values["perf/mfu"] = (self.flops_per_token * values["perf/tokens_per_sec"]
-                                          / (self.peak_tflops * 1e12))
+                                          / (self.peak_tflops * 1e12 * self.dist.world_size))
             if step == rows[-1][0]:
                 values.update(window)
             self.logger.log_metrics(values, step)
@@ -305,14 +420,6 @@ class Trainer:
                                 f"The last good checkpoint is kept: {self.ckpt_path}")
             self.weights_suspect |= not self.skip_nonfinite
             self.console(f"warning: {message} ({'update skipped' if self.skip_nonfinite else 'update applied'})")
-
-    def system_window(self) -> dict[str, float]:
-        """NVML means and allocator stats; under torchrun every rank's GPU, as system/gpu<rank>/..."""
-        gpus = self.gpu.window_means()
-        if self.dist.enabled and self.device.type == "cuda" and self.collectives_ok:
-            per_rank = distributed.gather_objects(gpus, self.dist)  # CUDA only: NVML is per GPU
-            gpus = {_rank_gpu_name(k, rank): v for rank, stats in enumerate(per_rank) for k, v in stats.items()}
-        return {**gpus, **cuda_memory_stats(self.device)}
 
     def console(self, line: str) -> None:
         if self.console_closed or not self.dist.is_main:
@@ -375,19 +482,32 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
+    def rng_state(self) -> dict[str, Any]:
+        """This rank's random streams: torch (dropout on CPU), CUDA (dropout on the GPU), batches."""
+        rng = {"torch": torch.get_rng_state(), "data": self.data.state_dict()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     @record_function("checkpoint")
     def save_checkpoint(self) -> None:
         self.flush()  # metrics up to here reach the host first, and non-finite steps are known
         if self.weights_suspect:
             self.console(f"not saving a checkpoint at step {self.step}: a non-finite update was applied")
             return
-        rng = {"torch": torch.get_rng_state(), "data": self.data.state_dict()}
-        if self.dist.enabled:  # every rank's batch stream, so each resumes its own
-            rng["data_ranks"] = distributed.gather_objects(self.data.state_dict(), self.dist)
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.saved_step == self.step:
+            return  # e.g. a stop right after a periodic checkpoint
+        rng = self.rng_state()
+        if self.dist.enabled:  # every rank's streams (dropout and batches), so each resumes its own
+            rng["ranks"] = distributed.gather_objects(rng, self.dist)
         if not self.dist.is_main:
+            self.saved_step = self.step
             return
+        # Durable logs first (invariant 8): a checkpoint at step s claims every record up to s.
+        if not self.logger.flush(timeout=LOG_FLUSH_TIMEOUT_S):
+            self.console(f"warning: the logging backends did not finish writing step {self.step} within "
+                         f"{LOG_FLUSH_TIMEOUT_S:.0f} s; saving the checkpoint anyway (a resume may miss "
+                         "some of their records)")
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "config": self.config.to_dict(), "rng": rng}
@@ -400,9 +520,18 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def fit(self) -> None:
+    def fit(self) -> bool:
+        """Train to max_iters; False when a stop request ended the run early, at a step boundary."""
         for step in range(self.start_step + 1, self.config.max_iters + 1):
+            if self.should_stop():
+                return False
             self.run_step(step)
+        return True
+
+    def should_stop(self) -> bool:
+        # One process: at once. Under torchrun: once every rank knows (a flush shares the request),
+        # so all ranks leave the loop after the same step and meet at the same collectives.
+        return self.stop_agreed if self.dist.enabled else self.stop.requested
 
     def run_step(self, step: int) -> None:
         """One iteration of the loop: the training step, then whatever is due at this step."""
@@ -444,39 +573,41 @@ class Trainer:
         self.logger.finish()
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
 def run(argv: Sequence[str] | None = None) -> int:
-    config, resume_state = resolve_config(argv)
-    trainer = Trainer(config, resume_state)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    stop = StopRequest().install()  # from the very start: a signal during start-up is honoured too
+    if _EARLY_SIGNALS:
+        stop.signum = _EARLY_SIGNALS[0]
+    trainer = None
     try:
-        trainer.fit()
+        config, resume_state = resolve_config(argv)
+        trainer = Trainer(config, resume_state, stop)
+        if trainer.fit():
+            trainer.save_checkpoint()
+            trainer.console("Training done")
+            trainer.console(trainer.final_sample())
+            return 0
+        # A stop request, honoured at a step boundary: every rank saves the same consistent step.
         trainer.save_checkpoint()
-        trainer.console("Training done")
-        trainer.console(trainer.final_sample())
-        return 0
-    except (KeyboardInterrupt, Interrupted):
-        if trainer.dist.enabled:  # a peer may be gone: no collective may run now
-            trainer.collectives_ok = False
-            trainer.flush()
+        if trainer.dist.is_main:
+            name = signal.Signals(stop.signum).name
+            print(f"{name}: stopped at step {trainer.step}; checkpoint saved to {trainer.ckpt_path}; "
+                  f"continue with --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now; the last checkpoint stands, as after a crash
+        if trainer is not None:
+            trainer.collectives_ok = not trainer.dist.enabled  # a peer may be mid-collective
             if trainer.dist.is_main:
-                print(f"interrupted at step {trainer.step}; metrics flushed; the last checkpoint is "
-                      f"kept: {trainer.ckpt_path}", file=sys.stderr)
-            return 130
-        trainer.flush()
-        trainer.save_checkpoint()
-        print(f"interrupted at step {trainer.step}; checkpoint saved to {trainer.ckpt_path}; "
-              f"continue with --resume {trainer.run_dir}", file=sys.stderr)
+                print(f"interrupted at step {trainer.step}; metrics flushed; the last checkpoint is kept: "
+                      f"{trainer.ckpt_path}", file=sys.stderr)
         return 130
     except Exception:
-        trainer.collectives_ok = not trainer.dist.enabled  # a failed peer: close() flushes locally
+        if trainer is not None:
+            trainer.collectives_ok = not trainer.dist.enabled  # a failed peer: close() flushes locally
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        trainer.close()
+        stop.restore()
+        if trainer is not None:
+            trainer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Telemetry values stay on each rank's device; a flush makes ONE collective over t
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +15,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+# DDP broadcasts module buffers from rank 0 before every forward by default: a hidden collective per
+# step. BDH's only buffer is RoPE's constant frequency table, so that sync is turned off (torch 2.13
+# renamed the switch; the old one still works there, with a deprecation warning).
+NO_PER_STEP_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass(frozen=True)

@@ -222,11 +222,9 @@ class Trainer:
         wrapped: torch.nn.Module = self.model
         if self.dist.enabled:
             torch.manual_seed(config.seed + self.dist.rank)  # each rank its own dropout stream
-            # broadcast_buffers=False: the only buffer is RoPE's constant frequency table; broadcasting
-            # it would add a collective to every step.
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **distributed.NO_PER_STEP_BUFFER_SYNC)
         # Train the compiled module (DDP inside, as torch documents); keep `self.model` for
         # state_dict() and generation.
         self.train_model = torch.compile(wrapped, dynamic=False) if config.compile else wrapped
@@ -357,7 +355,7 @@ class Trainer:
                 # A non-finite gradient under fp16 is the scaler's search for a scale: it skips that
                 # update and lowers the scale itself. Only a non-finite loss is a real divergence.
                 nonfinite = ~torch.isfinite(loss)
-                extra = [self.scaler._scale.float().view(1), (~grads_finite).float()]  # scale used, skipped
+                extra = [self.scaler._scale.view(1).clone(), (~grads_finite).float()]  # the scale used; skipped?
             else:
                 nonfinite = ~(torch.isfinite(loss) & grads_finite)  # (1,)
                 if self.skip_nonfinite:

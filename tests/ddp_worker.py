@@ -24,8 +24,23 @@ def counted(fn):
     return wrapper
 
 
-for name in ("all_reduce", "all_gather_object", "all_gather", "broadcast", "reduce", "barrier"):
-    setattr(dist, name, counted(getattr(dist, name)))
+# Every Python-level collective, DDP's buffer broadcast (_broadcast_coalesced) included; DDP's
+# gradient all-reduce runs in its C++ reducer and is the one collective a step may make.
+for name in ("all_reduce", "all_gather_object", "all_gather", "broadcast", "reduce", "barrier",
+             "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast_object_list", "_broadcast_coalesced"):
+    if hasattr(dist, name):
+        setattr(dist, name, counted(getattr(dist, name)))
+step_collectives = {}
+real_train_step = train.Trainer.train_step
+
+
+def counted_train_step(self, step):
+    before = collectives["n"]
+    real_train_step(self, step)
+    step_collectives[step] = collectives["n"] - before
+
+
+train.Trainer.train_step = counted_train_step
 
 real_flush = StepBuffer.flush
 
@@ -45,7 +60,7 @@ StepBuffer.flush = flush
 fail_at = os.environ.get("BDH_TEST_FAIL_AT")
 if fail_at:
     fail_rank, fail_step = map(int, fail_at.split(":"))
-    real_step = train.Trainer.train_step
+    real_step = train.Trainer.train_step  # (already counted_train_step)
 
     def failing_step(self, step):
         if rank == fail_rank and step == fail_step:
@@ -59,4 +74,6 @@ try:
 finally:
     with open(os.path.join(os.environ["BDH_TEST_OUT"], f"rank{rank}.json"), "w") as f:
         json.dump(flushes, f)
+    with open(os.path.join(os.environ["BDH_TEST_OUT"], f"rank{rank}-steps.json"), "w") as f:
+        json.dump(step_collectives, f)
 sys.exit(code)

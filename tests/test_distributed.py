@@ -16,12 +16,12 @@ from test_train import metric_records
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(corpus, out_dir, name, *extra, fail_at=None, timeout=300):
+def torchrun(corpus, out_dir, name, *extra, fail_at=None, timeout=300, nproc=2):
     env = {**os.environ, "BDH_TEST_OUT": str(out_dir), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(WORKER.parent)}
     if fail_at:
         env["BDH_TEST_FAIL_AT"] = fail_at
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(WORKER), "--preset", "tiny", "--no-compile", "--data", str(corpus), "--out_dir", str(out_dir),
            "--run_name", name, "--no_progress", "--nvml_interval", "0", "--log_train_freq", "4",
            "--probe_freq", "0", "--generate_freq", "0", *extra]
@@ -32,7 +32,7 @@ def torchrun(corpus, out_dir, name, *extra, fail_at=None, timeout=300):
 def ddp_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     proc = torchrun(corpus, out, "run", "--max_iters", "12", "--eval_freq", "6", "--eval_iters", "3",
-                    "--ckpt_freq", "6")
+                    "--ckpt_freq", "6", "--peak_tflops", "1.0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -84,3 +84,49 @@ def test_a_failing_rank_fails_the_job_and_is_named(corpus, tmp_path):
     assert "bdh_fast: rank 1 failed" in proc.stderr
     steps = [r["step"] for r in metric_records(tmp_path / "fail")]
     assert steps[:4] == [1, 2, 3, 4]  # what rank 0 had was flushed
+
+
+def test_no_collective_in_a_training_step(ddp_run):
+    """DDP's gradient all-reduce (in its C++ reducer) is the only per-step collective: no buffer
+    broadcast, nothing of ours; each flush makes one (checked above)."""
+    out, _ = ddp_run
+    for rank in (0, 1):
+        per_step = json.loads((out / f"rank{rank}-steps.json").read_text())
+        assert per_step and set(per_step.values()) == {0}, per_step
+
+
+def test_more_ranks_than_evaluation_batches_completes(corpus, tmp_path):
+    proc = torchrun(corpus, tmp_path, "r3", "--max_iters", "8", "--eval_freq", "4", "--eval_iters", "2",
+                    "--ckpt_freq", "0", nproc=3, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = metric_records(tmp_path / "r3", key="val/loss")
+    assert [r["step"] for r in evals] == [4, 8] and all(r["val/loss"] > 0 for r in evals)
+
+
+def test_interrupted_and_resumed_two_rank_run_with_dropout_equals_the_straight_one(corpus, tmp_path):
+    import torch
+
+    common = ("--dropout", "0.1", "--eval_freq", "0", "--ckpt_freq", "5")
+    straight = torchrun(corpus, tmp_path / "a", "s", "--max_iters", "10", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = torchrun(corpus, tmp_path / "b", "s", "--max_iters", "5", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(corpus, tmp_path / "b", "s", "--resume", str(tmp_path / "b" / "s"), "--max_iters", "10")
+    assert second.returncode == 0, second.stderr[-3000:]
+    want = torch.load(tmp_path / "a" / "s" / "ckpt.pt", weights_only=True)["model"]
+    got = torch.load(tmp_path / "b" / "s" / "ckpt.pt", weights_only=True)["model"]
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    losses = [metric_records(tmp_path / d / "s") for d in ("a", "b")]
+    assert [r["step"] for r in losses[1]] == list(range(1, 11))
+    assert [r["train/loss"] for r in losses[1]] == pytest.approx([r["train/loss"] for r in losses[0]], rel=1e-6)
+
+
+def test_mfu_is_per_gpu(ddp_run):
+    """perf/tokens_per_sec counts every rank's tokens; MFU divides by every rank's peak."""
+    out, _ = ddp_run
+    config = json.loads((out / "run" / "config.json").read_text())
+    rows = [r for r in metric_records(out / "run", key="perf/mfu")]
+    assert rows
+    for r in rows:
+        want = config["flops_per_token"] * r["perf/tokens_per_sec"] / (1.0e12 * 2)
+        assert r["perf/mfu"] == pytest.approx(want, rel=1e-9)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, weights-only load, and the checks that make --resume safe.
+"""Checkpoints: atomic and durable save, weights-only load, and the checks that make --resume safe.
 
 A checkpoint is a dict: `model` (the uncompiled module's state_dict), `optimizer`, `scheduler`,
 `scaler` (float16 only), `step` (optimizer steps done), `config` (the full RunConfig as a dict) and
@@ -8,6 +8,7 @@ continue exactly where the saved one stopped.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -24,13 +25,44 @@ REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "config", "rng")
 
 def atomic_write_bytes(path: pathlib.Path, write) -> None:
     """Write through a temporary file in the same directory, then os.replace: a crash mid-write
-    leaves the previous file intact."""
+    leaves the previous file intact.
+
+    `write(tmp)` writes the temporary file by its path. os.replace alone is atomic but not durable:
+    after a power loss the rename may reach the disk before the data (an empty or truncated file
+    under the final name), or not at all. So the temporary file is fsynced before the rename, and
+    the directory after it.
+    """
+    path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        _fsync_file(tmp)  # the bytes are on disk before any name points at them
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the new name is on disk before we go on (and report it saved)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_file(path: pathlib.Path) -> None:
+    # fsync flushes the file itself, whichever descriptor asks; `write` has closed its own. Opened
+    # for writing because Windows' fsync (_commit) refuses a read-only descriptor.
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    """Make a rename in `directory` durable. Windows cannot open a directory for fsync, and a few
+    file systems refuse to fsync one (EINVAL): there the rename is as durable as the system makes it."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def save(path: pathlib.Path, state: dict[str, Any]) -> None:

@@ -11,8 +11,10 @@ import io
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -327,6 +329,95 @@ def test_logging_never_blocks_and_flush_waits():
     logger.finish()
 
 
+class Stalled(Recorder):
+    """log_metrics blocks until `release` is set: a hung network or disk."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def log_metrics(self, metrics, step):
+        self.entered.set()
+        self.release.wait(60)
+        super().log_metrics(metrics, step)
+
+
+def test_stalled_backend_costs_bounded_memory_then_records_are_dropped_and_counted(capsys):
+    stalled, healthy = Stalled("stalled"), Recorder("healthy")
+    bound = 100
+    logger = Logger([healthy, stalled], max_queued_values=bound)
+    logger.log_metrics({"train/loss": 0.0}, 0)
+    assert stalled.entered.wait(10)  # the writer is now stuck inside the stalled backend
+    peak, start = 0, time.perf_counter()
+    for step in range(1, 5001):
+        logger.log_metrics({"train/loss": float(step), "train/lr": 1e-3}, step)
+        peak = max(peak, logger.queued_values, logger._queue.qsize())
+    assert time.perf_counter() - start < 2.0  # the training thread never waited for the writer
+    assert 0 < peak <= bound
+    assert 4900 < logger.dropped < 5000
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "logging backend stalled (in log_metrics)" in err[0] and "dropped" in err[0]
+
+    stalled.release.set()
+    assert logger.finish(timeout=30) is True
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = 5001 - logger.dropped
+    assert err == [f"warning: {logger.dropped:,} logging records (steps {kept} to 5000) were dropped because "
+                   f"a backend fell more than {bound:,} values behind"]
+    # what was kept reached both backends, in order and without a gap; the rest is dropped whole
+    assert [c[1] for c in healthy.calls] == [c[1] for c in stalled.calls] == list(range(kept))
+    assert logger.queued_values == 0
+
+
+def test_a_record_larger_than_the_bound_still_goes_through_an_empty_queue():
+    rec = Recorder("rec")
+    logger = Logger([rec], max_queued_values=10)
+    logger.log_histogram("h", Histogram.from_counts(0.0, 1.0, [1.0] * 64, 64, 32.0, 21.0), 1)
+    logger.finish()
+    assert [c[0] for c in rec.calls] == ["histogram"] and logger.dropped == 0
+
+
+def test_finish_gives_up_on_a_backend_that_does_not_finish_and_names_it(capsys):
+    class Hangs(Recorder):
+        release = threading.Event()
+
+        def finish(self):
+            self.release.wait(60)
+            self.finished = True
+
+    good, hangs = Recorder("good"), Hangs("hangs")
+    logger = Logger([good, hangs], finish_timeout_s=0.3)
+    logger.log_metrics({"a/b": 1.0}, 1)
+    start = time.perf_counter()
+    assert logger.finish() is False  # the default timeout is the Logger's finish_timeout_s
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "logging backend hangs (in finish) did not finish within 0.3 s" in err[0]
+    assert good.finished and good.calls == hangs.calls == [("metrics", 1, {"a/b": 1.0})]
+    logger.log_metrics({"a/b": 2.0}, 2)  # after finish: ignored, never blocks
+    Hangs.release.set()
+    logger._thread.join(10)
+    assert not logger._thread.is_alive() and hangs.finished
+    assert logger.finish() is True  # a second call: nothing more to wait for, no second warning
+    assert capsys.readouterr().err == ""
+
+
+def test_flush_without_a_timeout_is_bounded_too():
+    stalled = Stalled("stalled")
+    logger = Logger([stalled], finish_timeout_s=0.2)
+    logger.log_metrics({"a/b": 1.0}, 1)
+    assert stalled.entered.wait(10)
+    start = time.perf_counter()
+    assert logger.flush() is False  # the default timeout is the Logger's finish_timeout_s
+    assert 0.2 <= time.perf_counter() - start < 5
+    stalled.release.set()
+    assert logger.flush(timeout=10) is True
+    assert stalled.calls == [("metrics", 1, {"a/b": 1.0})]
+    logger.finish()
+
+
 def test_caller_may_reuse_its_dict():
     rec = Recorder("rec")
     logger = Logger([rec])
@@ -440,6 +531,59 @@ def test_make_logger_none_and_unknown(tmp_path):
     with pytest.raises(UserError, match="choose from"):
         make_logger(["tensorboard", "csv"], str(tmp_path), CONFIG, None)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="directories cannot be fsynced on Windows")
+def test_wandb_id_and_jsonl_truncation_are_durable(tmp_path, monkeypatch):
+    """The file is fsynced before os.replace and its directory after: a power loss leaves the old
+    file or the new one, never an empty one."""
+    wandb_offline_env(monkeypatch, tmp_path)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.stat(src).st_ino, os.fspath(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def assert_durable(path):
+        ino, dir_ino = os.stat(path).st_ino, os.stat(os.path.dirname(path)).st_ino
+        expected = [("fsync", "file", ino), ("replace", ino, path), ("fsync", "dir", dir_ino)]
+        assert [e for e in events if e in expected] == expected, events
+
+    run_dir = str(tmp_path / "run")
+    WandbBackend(run_dir, CONFIG, project="bdh-test", mode="disabled").finish()
+    assert_durable(os.path.join(run_dir, "wandb_id.txt"))
+    events.clear()
+    write_steps(run_dir, range(1, 6))
+    JsonlBackend(run_dir, resume_step=3).finish()
+    assert_durable(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def test_logger_flush_makes_jsonl_durable_before_a_checkpoint(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    logger = Logger([JsonlBackend(str(tmp_path)), Recorder("plain")])  # a backend without sync: flush
+    logger.log_metrics({"train/loss": 1.0}, 1)
+    assert logger.flush(timeout=10)
+    path = tmp_path / "metrics.jsonl"
+    assert synced == [path.stat().st_ino]  # once, at the flush the train loop makes before a checkpoint
+    assert read_jsonl(path) == [{"step": 1, "train/loss": 1.0}]
+    logger.finish()
+    assert logger.failed == []
 
 
 def test_wandb_disabled_mode_writes_nothing(tmp_path, monkeypatch):

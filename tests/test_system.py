@@ -2,12 +2,13 @@
 
 import sys
 import threading
+import time
 import types
 
 import pytest
 import torch
 
-from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
+from bdh_fast.telemetry.system import STOP_AFTER_FAILED_SAMPLES, GPUSampler, cuda_memory_stats
 
 
 class NVMLError(Exception):
@@ -166,3 +167,114 @@ def test_cuda_visible_devices_maps_to_nvml_handles(fake_nvml, monkeypatch):
 def test_cuda_memory_stats_off_cuda():
     assert cuda_memory_stats("cpu") == {}
     assert cuda_memory_stats(torch.device("cpu")) == {}
+
+
+# --- the CUDA path can never end a run: every NVML failure is one line, the sampler keeps its contract
+
+
+def nvml_lines(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("nvml: ")]
+
+
+def test_init_failure_is_one_line_and_stats_off(monkeypatch, capsys):
+    before = threading.active_count()
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_pynvml(init_error=NVMLError("Driver Not Loaded")))
+    assert_off(GPUSampler(interval_s=0.01).start(), capsys, before)
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_pynvml(init_error=NVMLError()))  # no message
+    sampler = GPUSampler(interval_s=0.01).start()
+    assert capsys.readouterr().err == "nvml: not available (NVMLError); GPU stats off\n"
+    sampler.close()
+
+
+def wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_every_query_failing_warns_once_then_the_sampler_stops(fake_nvml, capsys):
+    def broken(*args):
+        raise NVMLError("Unknown Error")
+
+    for name in ("nvmlDeviceGetUtilizationRates", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetPowerUsage",
+                 "nvmlDeviceGetTemperature", "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons"):
+        setattr(fake_nvml, name, broken)
+    sampler = GPUSampler(interval_s=0.01).start()  # start() does not raise; its thread ticks
+    assert wait_for(lambda: sampler.stopped)
+    sampler.thread.join(5)
+    assert not sampler.thread.is_alive()  # the sampler stopped itself, training went on
+    lines = nvml_lines(capsys)
+    assert len(lines) == 2, lines
+    assert lines[0] == ("nvml: GPU sampling failed (util of gpu0: NVMLError: Unknown Error); the values it "
+                        "cannot read are left out, sampling goes on")
+    assert lines[1].startswith(f"nvml: {STOP_AFTER_FAILED_SAMPLES} GPU samples in a row failed")
+    assert lines[1].endswith("; GPU stats off")
+    assert sampler.window_means() == {}
+    sampler.sample()  # a stopped sampler samples nothing and says nothing more
+    assert nvml_lines(capsys) == [] and sampler.window_means() == {}
+    sampler.close()
+    assert fake_nvml.calls["shutdown"] == 1
+
+
+def test_one_failing_query_warns_once_and_the_others_go_on(fake_nvml, capsys):
+    def lost_clock(h, clock):
+        raise NVMLError("GPU is lost")
+
+    fake_nvml.nvmlDeviceGetClockInfo = lost_clock
+    sampler = GPUSampler(interval_s=3600).start()
+    sampler.sample()
+    sampler.sample()
+    means = sampler.window_means()
+    assert means["system/gpu0/util"] == 30.0 and "system/gpu0/sm_clock_mhz" not in means
+    assert nvml_lines(capsys) == ["nvml: GPU sampling failed (sm_clock of gpu0: NVMLError: GPU is lost); the "
+                                  "values it cannot read are left out, sampling goes on"]
+    assert not sampler.stopped
+    sampler.close()
+
+
+def test_sampling_that_raises_mid_run_never_raises_and_keeps_the_good_window(fake_nvml, capsys):
+    sampler = GPUSampler(interval_s=3600).start()  # sample 1 (in start) and 2 below are good
+    sampler.sample()
+    fake_nvml.nvmlDeviceGetUtilizationRates = lambda h: object()  # a binding answering in another shape
+    for _ in range(STOP_AFTER_FAILED_SAMPLES - 1):
+        sampler.sample()  # AttributeError inside the sample: caught, counted, never raised
+    assert not sampler.stopped
+    means = sampler.window_means()
+    assert means["system/gpu0/util"] == 20.0 and means["system/gpu1/util"] == 60.0  # the two good samples
+    lines = nvml_lines(capsys)
+    assert len(lines) == 1 and "GPU sampling failed (AttributeError: " in lines[0]
+    sampler.sample()
+    assert sampler.stopped
+    lines = nvml_lines(capsys)
+    assert len(lines) == 1 and "GPU samples in a row failed (last: AttributeError" in lines[0]
+    assert sampler.window_means() == {}
+    sampler.close()
+
+
+def test_a_good_sample_resets_the_failure_count(fake_nvml, capsys):
+    fake_nvml.nvmlDeviceGetPowerUsage = lambda h: 100_000  # endless values: many samples below
+    fake_nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x1
+    good = lambda h: types.SimpleNamespace(gpu=10, memory=0)  # noqa: E731
+    sampler = GPUSampler(interval_s=3600).start()
+    for _ in range(3):
+        fake_nvml.nvmlDeviceGetUtilizationRates = lambda h: object()
+        for _ in range(STOP_AFTER_FAILED_SAMPLES - 1):
+            sampler.sample()
+        fake_nvml.nvmlDeviceGetUtilizationRates = good
+        sampler.sample()
+    assert not sampler.stopped  # never STOP_AFTER_FAILED_SAMPLES failures in a row
+    assert len(nvml_lines(capsys)) == 1  # and the first failure was the only line
+    sampler.close()
+
+
+def test_window_means_never_raises(fake_nvml, capsys):
+    sampler = GPUSampler(interval_s=3600).start()
+    sampler._sums["system/gpu0/util"] = "garbage"  # whatever got into the window
+    assert sampler.window_means() == {}
+    lines = nvml_lines(capsys)
+    assert len(lines) == 1 and "unreadable (TypeError" in lines[0]
+    sampler.sample()
+    assert sampler.window_means()["system/gpu0/util"] == 30.0  # the next window is fine again
+    sampler.close()
+    assert GPUSampler(interval_s=0).window_means() == {}  # never started

@@ -2,7 +2,10 @@
 
 The train loop calls `Logger.log_*`; each call only puts a record on a queue. One daemon writer thread
 hands every record to every backend in order, so training never waits for TensorBoard, W&B or disk.
-A backend that raises is dropped with one warning; the others keep receiving every record.
+A backend that raises is dropped with one warning; the others keep receiving every record. A backend
+that stalls (a hung network, a full disk that blocks) is bounded instead: the queue holds at most
+`max_queued_values` values, newer records are then dropped and counted (one warning when dropping
+starts, the count at `finish`), and `finish` gives up on a backend after a timeout, naming it.
 tensorboard and wandb are imported inside the backends that need them, so an unused backend costs
 nothing.
 """
@@ -14,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import queue
 import secrets
 import string
@@ -22,6 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from bdh_fast.checkpoint import atomic_write_bytes
 from bdh_fast.errors import UserError
 
 BACKEND_NAMES = ("tensorboard", "wandb", "jsonl", "none")
@@ -98,6 +103,11 @@ class Backend:
 
     def flush(self) -> None:
         """Called whenever the Logger's queue runs empty: push buffered writes to disk."""
+
+    def sync(self) -> None:
+        """Called at `Logger.flush()`, before a checkpoint: make everything written so far durable
+        (a checkpoint at step s claims every record up to s, DESIGN.md invariant 8)."""
+        self.flush()
 
     def finish(self) -> None:
         pass
@@ -234,10 +244,8 @@ class WandbBackend(Backend):
                 run_id = f.read().strip() or None
         if run_id is None:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-            tmp = id_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(run_id + "\n")
-            os.replace(tmp, id_path)
+            # durable: a resume after a power loss must find the id, or it starts a second W&B run
+            atomic_write_bytes(pathlib.Path(id_path), lambda tmp: tmp.write_text(run_id + "\n"))
         self.run = wandb.init(
             project=project, entity=entity, name=run_name, config=config, dir=run_dir, mode=mode,
             id=run_id, resume="allow" if resume else None, reinit="create_new", save_code=False,
@@ -310,12 +318,7 @@ class JsonlBackend(Backend):
                 if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] >= step:
                     continue
                 kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_bytes(pathlib.Path(self.path), lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:
@@ -338,22 +341,60 @@ class JsonlBackend(Backend):
     def log_histogram(self, name: str, hist: Histogram, step: int) -> None:
         self._write({"step": step, "event": "histogram", "name": name, **dataclasses.asdict(hist)})
 
+    def sync(self) -> None:
+        # Line buffering hands each record to the OS at once; only fsync puts it on the disk, so a
+        # power loss after the checkpoint cannot take back steps the checkpoint counts as logged.
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def finish(self) -> None:
         self._file.close()
 
 
 _STOP = object()
 
+# What a stalled backend may keep in memory: about this many values (a metric, a histogram bucket, a
+# table cell, 100 characters of text; each well under 100 bytes as Python objects) wait in the queue,
+# then newer records are dropped. A step's metrics are ~20 values, so that is tens of thousands of
+# steps, and at most ~100 MB, whatever the cadence or --hist_bins.
+MAX_QUEUED_VALUES = 1_000_000
+# How long finish() (and flush() without a timeout) waits for the backends: long enough for W&B to
+# upload a run and its checkpoints, short enough that a hung backend cannot keep the process alive.
+FINISH_TIMEOUT_S = 300.0
+
+
+def _size(value: Any) -> int:
+    """Roughly how many values a record keeps alive: the unit of the queue's bound."""
+    if isinstance(value, Histogram):
+        return 1 + 2 * len(value.bucket_counts)
+    if isinstance(value, str):
+        return 1 + len(value) // 100
+    if isinstance(value, dict):
+        return 1 + sum(_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return 1 + sum(_size(v) for v in value)
+    return 1
+
 
 class Logger:
     """Fans records out to backends on one background writer thread; the log methods only enqueue.
 
-    Records are tuples (method name, args); a threading.Event in the queue marks a flush point.
+    Records are tuples (method name, args, size); a threading.Event in the queue marks a flush point.
+    The log methods never block: when the backends fall `max_queued_values` behind, a new record is
+    dropped and counted instead (`dropped`), with one warning when that first happens.
     """
 
-    def __init__(self, backends: list[Backend]):
+    def __init__(self, backends: list[Backend], max_queued_values: int = MAX_QUEUED_VALUES,
+                 finish_timeout_s: float = FINISH_TIMEOUT_S):
         self.backends = list(backends)
         self.failed: list[str] = []
+        self.max_queued_values = max_queued_values
+        self.finish_timeout_s = finish_timeout_s
+        self.queued_values = 0  # sizes of the records enqueued and not yet written by every backend
+        self.dropped = 0  # records refused because the queue was full
+        self._dropped_steps: tuple[int, int] | None = None  # lowest and highest step dropped
+        self._busy: tuple[str, str] | None = None  # (backend, method) the writer is inside, for warnings
+        self._lock = threading.Lock()  # guards queued_values and the drop counters
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._finished = False
         self._finish_lock = threading.Lock()
@@ -364,8 +405,26 @@ class Logger:
             atexit.register(self.finish)  # last resort: the train loop calls finish() itself
 
     def _put(self, method: str, *args) -> None:
-        if self._thread is not None and not self._finished:
-            self._queue.put((method, args))
+        if self._thread is None or self._finished:
+            return
+        size = _size(args)
+        with self._lock:
+            # An empty queue takes any record, so a record larger than the whole bound still goes out.
+            full = self.queued_values > 0 and self.queued_values + size > self.max_queued_values
+            if not full:
+                self.queued_values += size
+                self._queue.put((method, args, size))
+                return
+            self.dropped += 1
+            first = self.dropped == 1
+            behind = self.queued_values
+            step = args[-1]  # every record but an artifact ends with its step
+            if isinstance(step, int):
+                lo, hi = self._dropped_steps or (step, step)
+                self._dropped_steps = (min(lo, step), max(hi, step))
+        if first:
+            print(f"warning: {self._busy_backend()} fell {behind:,} values behind; newer records are dropped "
+                  f"until it catches up (counted at the end); training goes on", file=sys.stderr, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._put("log_metrics", dict(metrics), step)  # a copy: the caller may reuse its dict
@@ -383,25 +442,50 @@ class Logger:
         self._put("log_artifact", path, name, kind)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything enqueued so far is written; False if `timeout` ran out first."""
+        """Wait until everything enqueued so far is written and synced (`Backend.sync`); False if
+        the timeout ran out first (default `finish_timeout_s`: a stalled backend never holds the
+        caller forever)."""
         if self._thread is None or not self._thread.is_alive():
             return True
         done = threading.Event()
         self._queue.put(done)
-        return done.wait(timeout)
+        return done.wait(self.finish_timeout_s if timeout is None else timeout)
 
-    def finish(self, timeout: float | None = None) -> None:
-        """Write everything enqueued, finish every backend, stop the writer. Safe to call twice."""
+    def finish(self, timeout: float | None = None) -> bool:
+        """Write everything enqueued, finish every backend, stop the writer. Safe to call twice.
+
+        Waits at most `timeout` seconds (default `finish_timeout_s`). A backend still busy then is
+        named in one warning and left to its daemon thread, which dies with the process; what it had
+        not written is lost. Returns whether everything finished in time.
+        """
         with self._finish_lock:
             if self._finished:
-                return
+                return self._thread is None or not self._thread.is_alive()
             self._finished = True
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
-            atexit.unregister(self.finish)
+        if self._thread is None:
+            return True
+        atexit.unregister(self.finish)
+        timeout = self.finish_timeout_s if timeout is None else timeout
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        finished = not self._thread.is_alive()
+        if not finished:
+            print(f"warning: {self._busy_backend()} did not finish within {timeout:g} s; giving up on it: "
+                  f"the records it had not written are lost", file=sys.stderr, flush=True)
+        if self.dropped:
+            steps = self._dropped_steps
+            where = f" (steps {steps[0]} to {steps[1]})" if steps else ""
+            print(f"warning: {self.dropped:,} logging records{where} were dropped because a backend fell "
+                  f"more than {self.max_queued_values:,} values behind", file=sys.stderr, flush=True)
+        return finished
+
+    def _busy_backend(self) -> str:
+        """Names the backend the writer is waiting on, for a warning: 'logging backend wandb (in finish)'."""
+        busy = self._busy  # read once: the writer thread changes it
+        return f"logging backend {busy[0]} (in {busy[1]})" if busy else "logging"
 
     def _call(self, backend: Backend, method: str, args: tuple) -> None:
+        self._busy = (backend.name, method)
         try:
             getattr(backend, method)(*args)
         except Exception as e:
@@ -414,21 +498,26 @@ class Logger:
                     backend.finish()  # release its files; errors here would only repeat the first
                 except Exception:
                     pass
+        finally:
+            self._busy = None
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if isinstance(item, threading.Event):  # a flush() call: every record before it is written
-                self._flush_backends()
+            if isinstance(item, threading.Event):  # a flush() call: every record before it is durable
+                for backend in list(self.backends):
+                    self._call(backend, "sync", ())
                 item.set()
                 continue
             if item is _STOP:
                 for backend in list(self.backends):
                     self._call(backend, "finish", ())
                 return
-            method, args = item
+            method, args, size = item
             for backend in list(self.backends):
                 self._call(backend, method, args)
+            with self._lock:
+                self.queued_values -= size  # only now: until every backend has it, the record is alive
             if self._queue.empty():  # end of a batch: make what was logged survive a crash
                 self._flush_backends()
 

@@ -2,6 +2,11 @@
 
 Neither touches the device stream: NVML queries go to the driver, and the allocator numbers are
 host-side bookkeeping, so reading them never synchronises with the training step.
+
+GPU stats are optional, so nothing here may end a run (DESIGN.md invariant 9): NVML missing or
+failing at start is one `nvml: ...` line on stderr and the stats are off; a failing query or sample
+is one line and sampling goes on without those values; a sampler that gathers nothing
+STOP_AFTER_FAILED_SAMPLES times in a row stops with one more line. No method raises.
 """
 
 from __future__ import annotations
@@ -11,6 +16,21 @@ import sys
 import threading
 
 GiB = float(2**30)  # the `_gb` metrics are GiB, as nvidia-smi and torch.cuda.memory_summary count
+# Samples in a row that may fail (nothing read) before the sampler stops: a lost GPU or a driver
+# reset does not heal, and 5 ticks (10 s at the default interval) tell it from a passing hiccup.
+STOP_AFTER_FAILED_SAMPLES = 5
+
+
+def _say(line: str) -> None:
+    """One `nvml: ...` line on stderr; a closed or broken stderr must not take the run down either."""
+    try:
+        print(f"nvml: {line}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _visible_device_ids() -> list[str] | None:
@@ -59,6 +79,10 @@ class GPUSampler:
         self._unsupported: set[tuple[int, str]] = set()  # queries the device said it cannot answer
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.stopped = False  # gave up after STOP_AFTER_FAILED_SAMPLES failed samples in a row
+        self._warned = False  # the first failure has been reported (later ones are not)
+        self._failed_in_a_row = 0
+        self._sample_error: str | None = None  # the first failure of the sample in progress
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -68,6 +92,8 @@ class GPUSampler:
         self._maxes: dict[str, float] = {}
 
     def start(self) -> GPUSampler:
+        """Initialise NVML, take a first sample, start the sampling thread. Never raises: without
+        NVML (no library, no driver, no GPU) one line says so and the sampler stays off."""
         if self.interval_s <= 0 or self.thread is not None:
             return self
         try:
@@ -75,23 +101,28 @@ class GPUSampler:
 
             pynvml.nvmlInit()
         except Exception as e:  # no library, no driver, no GPU
-            print(f"nvml: not available ({e or type(e).__name__}); GPU stats off", file=sys.stderr, flush=True)
+            _say(f"not available ({_describe(e)}); GPU stats off")
             return self
         self._nvml = pynvml
         try:
             self._handles = self._resolve_handles()
         except Exception as e:
             self._handles = []
-            reason = f"{type(e).__name__}: {e}"
+            reason = _describe(e)
         else:
             reason = "no visible GPUs"
         if not self._handles:
-            print(f"nvml: not available ({reason}); GPU stats off", file=sys.stderr, flush=True)
+            _say(f"not available ({reason}); GPU stats off")
             self.close()
             return self
         self.sample()  # a first sample now, so even a short first window has one
-        self.thread = threading.Thread(target=self._run, name="bdh-gpu-sampler", daemon=True)
-        self.thread.start()
+        try:
+            self.thread = threading.Thread(target=self._run, name="bdh-gpu-sampler", daemon=True)
+            self.thread.start()
+        except Exception as e:  # RuntimeError: can't start new thread (a process at its limit)
+            self.thread = None
+            _say(f"not available (sampler thread: {_describe(e)}); GPU stats off")
+            self.close()
         return self
 
     def _resolve_handles(self) -> list[tuple[int, object]]:
@@ -114,7 +145,8 @@ class GPUSampler:
         return handles
 
     def _query(self, index: int, metric: str, fn, *args):
-        """One NVML query; None (metric omitted) when it fails. NotSupported is remembered."""
+        """One NVML query; None (metric omitted) when it fails. NotSupported is remembered and not
+        asked again; any other failure is kept, as the sample's first error, for sample() to report."""
         if (index, metric) in self._unsupported:
             return None
         try:
@@ -122,7 +154,9 @@ class GPUSampler:
         except Exception as e:
             not_supported = getattr(self._nvml, "NVMLError_NotSupported", None)
             if not_supported is not None and isinstance(e, not_supported):
-                self._unsupported.add((index, metric))
+                self._unsupported.add((index, metric))  # the device's answer, not a failure
+            elif self._sample_error is None:
+                self._sample_error = f"{metric} of gpu{index}: {_describe(e)}"
             return None
 
     def _throttle_reasons(self, handle):
@@ -133,10 +167,31 @@ class GPUSampler:
         return fn(handle)
 
     def sample(self) -> None:
-        """Query every GPU once and add the values to the current window."""
-        nvml = self._nvml
-        if nvml is None:
+        """Query every GPU once and add the values to the current window. Never raises.
+
+        The first failure (a query, or the sample itself) is one line and sampling goes on without
+        the values it could not read; after STOP_AFTER_FAILED_SAMPLES samples in a row that read
+        nothing, one more line and the sampler stops: GPU stats are off, training goes on.
+        """
+        if self._nvml is None or self.stopped:
             return
+        self._sample_error = None
+        try:
+            read = self._sample()
+        except Exception as e:  # a binding or driver answering in a shape we do not expect
+            read, self._sample_error = 0, _describe(e)
+        error = self._sample_error
+        if error is not None and not self._warned:
+            self._warned = True
+            _say(f"GPU sampling failed ({error}); the values it cannot read are left out, sampling goes on")
+        self._failed_in_a_row = self._failed_in_a_row + 1 if read == 0 and error is not None else 0
+        if self._failed_in_a_row >= STOP_AFTER_FAILED_SAMPLES:
+            self.stopped = True  # the thread's loop ends; close() still shuts NVML down
+            _say(f"{self._failed_in_a_row} GPU samples in a row failed (last: {error}); GPU stats off")
+
+    def _sample(self) -> int:
+        """The queries of one sample, added to the window under the lock; returns how many values."""
+        nvml = self._nvml
         values: dict[str, float] = {}
         reasons: dict[str, int] = {}
         idle_bit = getattr(nvml, "nvmlClocksEventReasonGpuIdle", getattr(nvml, "nvmlClocksThrottleReasonGpuIdle", 1))
@@ -170,22 +225,31 @@ class GPUSampler:
                 self._ors[name] = self._ors.get(name, 0) | bits
                 throttled = 1.0 if bits & ~idle_bit else 0.0  # any reason but idling
                 self._maxes[prefix + "throttled"] = max(self._maxes.get(prefix + "throttled", 0.0), throttled)
+        return len(values) + len(reasons)
 
     def window_means(self) -> dict[str, float]:
-        """Means of the samples since the previous call (throttle reasons OR-ed, `throttled` max)."""
+        """Means of the samples since the previous call (throttle reasons OR-ed, `throttled` max).
+
+        Never raises (the training loop calls it at every flush): should the window be unreadable,
+        one line says so and the window is empty.
+        """
         with self._lock:
-            out = {name: total / self._counts[name] for name, total in self._sums.items()}
-            out.update({name: float(bits) for name, bits in self._ors.items()})
-            out.update(self._maxes)
+            sums, counts, ors, maxes = self._sums, self._counts, self._ors, self._maxes
             self._reset_window()
-        return out
+        try:
+            out = {name: total / counts[name] for name, total in sums.items()}
+            out.update({name: float(bits) for name, bits in ors.items()})
+            out.update({name: float(value) for name, value in maxes.items()})
+            return out
+        except Exception as e:
+            if not self._warned:
+                self._warned = True
+                _say(f"GPU stats of this window are unreadable ({_describe(e)}); left out, sampling goes on")
+            return {}
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sample()
-            except Exception:  # a sampler must never take the run down; skip this tick
-                pass
+        while not self._stop.wait(self.interval_s) and not self.stopped:
+            self.sample()  # never raises
 
     def close(self) -> None:
         self._stop.set()

@@ -111,6 +111,8 @@ def resolve_config(argv: Sequence[str] | None) -> tuple[RunConfig, dict[str, Any
     restart_dir = None
     if "resume" in explicit:
         resume = pathlib.Path(explicit["resume"]).expanduser()
+        if resume.resolve().name in ("", ".", ".."):
+            raise UserError(f"--resume: {resume} is not a run directory; pass runs/<run_name> or its ckpt.pt")
         never_saved = resume.is_dir() and not (resume / checkpoint.CKPT_NAME).exists()
         never_started = not resume.exists() and resume.suffix != ".pt"  # killed before it made its directory
         if never_saved or never_started:
@@ -293,6 +295,7 @@ class Trainer:
         self.console_losses: list[float] = []
         self.weights_suspect = False  # a non-finite update was applied (--on_nonfinite warn)
         self.saved_step: int | None = None
+        self.log_flush_timeout = LOG_FLUSH_TIMEOUT_S
         self.measured_from = self.start_step + 1  # first step (compile) is timed apart
         self.compile_s: float | None = None
         self.progress = None
@@ -502,10 +505,11 @@ class Trainer:
             self.saved_step = self.step
             return
         # Durable logs first (invariant 8): a checkpoint at step s claims every record up to s.
-        if not self.logger.flush(timeout=LOG_FLUSH_TIMEOUT_S):
+        if not self.logger.flush(timeout=self.log_flush_timeout):
             self.console(f"warning: the logging backends did not finish writing step {self.step} within "
-                         f"{LOG_FLUSH_TIMEOUT_S:.0f} s; saving the checkpoint anyway (a resume may miss "
+                         f"{self.log_flush_timeout:.0f} s; saving the checkpoint anyway (a resume may miss "
                          "some of their records)")
+            self.log_flush_timeout = 5.0  # a stalled backend: later checkpoints do not wait as long
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "config": self.config.to_dict(), "rng": rng}

@@ -124,13 +124,23 @@ def test_bad_resume_gets_one_line_and_damages_nothing(corpus, tmp_path, capsys):
     assert "n_layer (checkpoint 2, flag 3)" in line and "n_embd (checkpoint 64, flag 32)" in line
     assert ckpt.read_bytes() == before
 
-    assert "does not exist" in _fails_with_one_line(["--resume", str(tmp_path / "nope")], capsys)
+    assert "does not exist" in _fails_with_one_line(["--resume", str(tmp_path / "nope" / "ckpt.pt")], capsys)
+    assert "not a run directory" in _fails_with_one_line(["--resume", "/"], capsys)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(before[: len(before) // 2])
     assert "not a readable checkpoint" in _fails_with_one_line(["--resume", str(corrupt)], capsys)
     # a fresh run into an existing run directory would overwrite it: refused
     assert "--resume" in _fails_with_one_line(tiny_args(corpus, tmp_path, "good"), capsys)
     assert ckpt.read_bytes() == before
+
+
+def test_resume_of_a_run_that_never_started_starts_it(corpus, tmp_path, capsys):
+    """A preemption script passes the same flags plus --resume, even when the first try was killed
+    before it made its directory: the run starts there, saying so."""
+    run_dir = tmp_path / "later"
+    assert train.main(tiny_args(corpus, tmp_path, "ignored", "--max_iters", "2", "--resume", str(run_dir))) == 0
+    assert "does not exist yet" in capsys.readouterr().out
+    assert torch.load(run_dir / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_cpu_default_is_the_small_preset_announced_first():

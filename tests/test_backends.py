@@ -225,13 +225,52 @@ def test_wandb_resume_reuses_run_id(full_run, tmp_path, monkeypatch):
     run_dir.mkdir()
     first_id = open(os.path.join(full_run["run_dir"], "wandb_id.txt")).read().strip()
     (run_dir / "wandb_id.txt").write_text(first_id + "\n")  # as the first start left it
-    backend = WandbBackend(str(run_dir), CONFIG, project="bdh-test", mode="offline", resume=True)
+    backend = WandbBackend(str(run_dir), CONFIG, project="bdh-test", mode="offline", resume_step=31)
     assert backend.run.id == first_id
     backend.log_metrics({"train/loss": 0.1}, 31)
     backend.finish()
     (run_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{first_id}.wandb"))
     history = [r["history"]["item"] for r in wandb_records(run_file) if r["type"] == "history"]
     assert [(h["step"], h["train/loss"]) for h in history] == [(31, 0.1)]
+
+
+def test_wandb_resume_logs_every_step_exactly_once(tmp_path, monkeypatch):
+    """Segment 1 gave W&B steps 1-4 and 6-10 (step 5 lost when the process died) and JSONL steps
+    1-10; its checkpoint is at step 8. The resumed segment recomputes 9-12: W&B must end with every
+    step once (5 backfilled from metrics.jsonl, 9-10 not logged twice), across both segments."""
+    from bdh_fast.telemetry import wandb_history
+
+    wandb_offline_env(monkeypatch, tmp_path)
+    run_dir = str(tmp_path / "run")
+    first = WandbBackend(run_dir, CONFIG, project="bdh-test", mode="offline")
+    jsonl = JsonlBackend(run_dir)
+    for step in range(1, 11):
+        jsonl.log_metrics({"train/loss": 1.0 / step}, step)
+        if step != 5:
+            first.log_metrics({"train/loss": 1.0 / step}, step)
+        if step % 4 == 0:
+            jsonl.log_table("samples", ["step", "text"], [[step, f"s{step}"]], step)
+            if step != 4:
+                first.log_table("samples", ["step", "text"], [[step, f"s{step}"]], step)
+    first.finish()
+    jsonl.finish()
+
+    second = WandbBackend(run_dir, CONFIG, project="bdh-test", mode="offline", resume_step=9)
+    jsonl = JsonlBackend(run_dir, 9)
+    for step in range(9, 13):
+        second.log_metrics({"train/loss": 1.0 / step}, step)
+        jsonl.log_metrics({"train/loss": 1.0 / step}, step)
+    second.log_table("samples", ["step", "text"], [[12, "s12"]], 12)
+    second.finish()
+    jsonl.finish()
+
+    run_id = second.run.id
+    logs = wandb_history.transaction_logs(run_dir, run_id)
+    assert len(logs) == 2
+    rows = [item for log in logs for item in wandb_history.history_items(log)]
+    losses = sorted((r["step"], r["train/loss"]) for r in rows if "train/loss" in r)
+    assert losses == [(s, pytest.approx(1.0 / s)) for s in range(1, 13)]
+    assert sorted(r["step"] for r in rows if "samples.nrows" in r) == [4, 8, 12]
 
 
 class Recorder(Backend):

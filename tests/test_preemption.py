@@ -27,12 +27,12 @@ STEPS = 48
 TRIALS = int(os.environ.get("BDH_PREEMPT_TRIALS", "4"))
 
 
-def flags(corpus, out: pathlib.Path, name: str) -> list[str]:
+def flags(corpus, out: pathlib.Path, name: str, backends: str = "jsonl,tensorboard,wandb") -> list[str]:
     return ["--preset", "tiny", "--no-compile", "--data", str(corpus), "--out_dir", str(out), "--run_name", name,
             "--no_progress", "--nvml_interval", "0", "--dropout", "0.1", "--max_iters", str(STEPS),
             "--log_train_freq", "4", "--log_freq", "8", "--ckpt_freq", "8", "--eval_freq", "12", "--eval_iters", "2",
             "--generate_freq", "24", "--sample_tokens", "8", "--probe_freq", "16",
-            "--log_backend", "jsonl,tensorboard"]
+            "--log_backend", backends, "--wandb_mode", "offline"]
 
 
 def train_cmd(*args: str) -> list[str]:
@@ -40,7 +40,19 @@ def train_cmd(*args: str) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # the same math in every process
+    wandb_home = pathlib.Path(os.environ.get("PYTEST_WANDB_HOME", "/tmp/bdh-preempt-wandb"))
+    return {**os.environ, "OMP_NUM_THREADS": "1",  # the same math in every process
+            "WANDB_SILENT": "true", "WANDB_CACHE_DIR": str(wandb_home / "cache"),
+            "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}
+
+
+def wandb_rows(run_dir: pathlib.Path) -> list[dict]:
+    """Every history row of every W&B segment of the run, read with wandb's own reader."""
+    from bdh_fast.telemetry import wandb_history
+
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    return [row for log in wandb_history.transaction_logs(run_dir, run_id)
+            for row in wandb_history.history_items(log)]
 
 
 def jsonl(run_dir: pathlib.Path) -> list[dict]:
@@ -66,13 +78,18 @@ def weights(run_dir: pathlib.Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    t0 = time.perf_counter()
-    proc = subprocess.run(train_cmd(*flags(corpus, out, "r")), env=env(), capture_output=True, text=True,
-                          timeout=600)
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = out / "r"
-    return {"dir": run_dir, "wall": wall, "records": jsonl(run_dir), "weights": weights(run_dir)}
+    t0 = time.perf_counter()
+    # With the trials' own backends, so its timeline (start-up, training, exit) is theirs too.
+    proc = subprocess.Popen(train_cmd(*flags(corpus, out, "r")), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (run_dir / "config.json").exists():
+        time.sleep(0.02)
+    started = time.perf_counter() - t0  # the Trainer is built: the loop is about to start
+    _, err = proc.communicate(timeout=600)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, err[-3000:]
+    return {"dir": run_dir, "started": started, "wall": wall, "records": jsonl(run_dir), "weights": weights(run_dir)}
 
 
 def assert_equals_reference(run_dir: pathlib.Path, reference: dict, what: str) -> None:
@@ -85,12 +102,20 @@ def assert_equals_reference(run_dir: pathlib.Path, reference: dict, what: str) -
         assert [s for s, _ in got] == [s for s, _ in want], f"{what}: {key} steps"
         for (step, a), (_, b) in zip(got, want):
             assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"{what}: {key} at step {step}: {a} vs {b}"
-    samples = [(r["step"], r["rows"]) for r in records if r.get("event") == "samples"]
-    assert samples == [(r["step"], r["rows"]) for r in ref if r.get("event") == "samples"], what
+    samples = [(r["step"], r["rows"]) for r in records if r.get("name") == "samples"]
+    assert samples == [(r["step"], r["rows"]) for r in ref if r.get("name") == "samples"], what
+    assert [s for s, _ in samples] == [24, 48], what
     tb = tensorboard_steps(run_dir, "train/loss")
     assert [s for s, _ in tb] == list(range(1, STEPS + 1)), f"{what}: TensorBoard steps {[s for s, _ in tb]}"
     tb_eval = [s for s, _ in tensorboard_steps(run_dir, "val/loss")]
     assert tb_eval == [s for s, _ in per_step(ref, "val/loss")], f"{what}: TensorBoard evaluations {tb_eval}"
+    rows = wandb_rows(run_dir)
+    for key in ("train/loss", "val/loss"):
+        got = sorted((r["step"], r[key]) for r in rows if key in r)  # every row of every segment
+        want = per_step(ref, key)
+        assert [s for s, _ in got] == [s for s, _ in want], f"{what}: W&B {key} steps {[s for s, _ in got]}"
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5, abs=1e-6), what
+    assert sorted(r["step"] for r in rows if "samples.nrows" in r) == [s for s, _ in samples], what
     got_w = weights(run_dir)
     for name, value in reference["weights"].items():
         diff = (got_w[name] - value).abs().max().item()
@@ -143,8 +168,10 @@ def interrupt_then_resume(corpus, tmp_path, reference, kind: int, delay: float) 
 @pytest.mark.parametrize("kind", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda k: k.name)
 def test_interrupted_at_random_moments_then_resumed_equals_uninterrupted(corpus, tmp_path, reference, kind):
     rng = random.Random(f"{kind}-{TRIALS}")
-    # From just after the start (imports, start-up) to the end of training.
-    delays = sorted(rng.uniform(0.2, reference["wall"] * 0.85) for _ in range(TRIALS))
+    # One moment in start-up (imports, building the model and backends), the rest in the loop
+    # (steps, flushes, evaluations, samples, probes, checkpoints) and its end.
+    started, wall = reference["started"], reference["wall"]
+    delays = [rng.uniform(0.2, started)] + sorted(rng.uniform(started, wall * 0.95) for _ in range(TRIALS - 1))
     results = [interrupt_then_resume(corpus, tmp_path, reference, kind, d) for d in delays]
     print(json.dumps(results))
     if kind != signal.SIGKILL:

@@ -207,7 +207,11 @@ def wandb_api_key_configured() -> bool:
 class WandbBackend(Backend):
     """A W&B run. Every metric is plotted against the custom `step` metric rather than wandb's own
     `_step`: after a resume wandb ignores `step=` values below its last `_step`, which would drop the
-    re-run steps; a custom axis keeps them."""
+    re-run steps; a custom axis keeps them.
+
+    Resumed (`resume_step`: the first step this segment computes), it logs every step exactly once
+    (bdh_fast.telemetry.wandb_history): what earlier segments already gave W&B is not logged again,
+    and what they lost up to the checkpoint is backfilled from metrics.jsonl."""
 
     name = "wandb"
     STEP = "step"
@@ -220,10 +224,12 @@ class WandbBackend(Backend):
         entity: str | None = None,
         run_name: str | None = None,
         mode: str = "auto",
-        resume: bool = False,
+        resume_step: int | None = None,
         log_checkpoints: bool = False,
     ):
         import wandb
+
+        from bdh_fast.telemetry import wandb_history
 
         self._wandb = wandb
         self.log_checkpoints = log_checkpoints
@@ -239,9 +245,19 @@ class WandbBackend(Backend):
         os.makedirs(run_dir, exist_ok=True)
         id_path = os.path.join(run_dir, "wandb_id.txt")
         run_id = None
+        resume = resume_step is not None
         if resume and os.path.exists(id_path):
             with open(id_path) as f:
                 run_id = f.read().strip() or None
+        # {step: names} W&B already holds from earlier segments; read before init starts a new one.
+        self._held: dict[int, set[str]] = {}
+        if run_id is not None:
+            try:
+                self._held = wandb_history.logged_keys(run_dir, run_id)
+            except Exception as e:
+                print(f"warning: wandb: could not read what the earlier segments of run {run_id} logged "
+                      f"({type(e).__name__}: {e}); W&B may show their last steps twice", file=sys.stderr,
+                      flush=True)
         if run_id is None:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             # durable: a resume after a power loss must find the id, or it starts a second W&B run
@@ -252,17 +268,30 @@ class WandbBackend(Backend):
         )
         self.run.define_metric(self.STEP)
         self.run.define_metric("*", step_metric=self.STEP)
+        if resume:
+            # Steps up to the checkpoint are in metrics.jsonl (flushed to disk before it was written).
+            wandb_history.backfill(run_dir, resume_step - 1, self._held,
+                                   lambda method, args: getattr(self, method)(*args))
+            self._held = {step: names for step, names in self._held.items() if step >= resume_step}
         if mode == "offline":
             print(f"wandb: logging offline (no API key configured, or mode offline); upload later with: "
                   f"wandb sync {self.run.settings.sync_dir}", file=sys.stderr, flush=True)
 
+    def _held_at(self, step: int) -> set[str]:
+        return self._held.get(step, set()) if self._held else set()
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log({**{k: float(v) for k, v in metrics.items()}, self.STEP: step})
+        held = self._held_at(step)
+        values = {k: float(v) for k, v in metrics.items() if k not in held}
+        if values:
+            self.run.log({**values, self.STEP: step})
 
     def log_text(self, name: str, text: str, step: int) -> None:
         self.log_table(name, ["step", "text"], [[step, text]], step)
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        if name in self._held_at(step):
+            return
         # One table per name that grows across calls; INCREMENTAL uploads only the new rows each time.
         table = self._tables.get(name)
         if table is None or list(table.columns) != list(columns):
@@ -272,6 +301,8 @@ class WandbBackend(Backend):
         self.run.log({name: table, self.STEP: step})
 
     def log_histogram(self, name: str, hist: Histogram, step: int) -> None:
+        if name in self._held_at(step):
+            return
         np_histogram = hist.to_numpy_histogram(max_bins=self._wandb.Histogram.MAX_LENGTH)  # wandb's limit
         self.run.log({name: self._wandb.Histogram(np_histogram=np_histogram), self.STEP: step})
 
@@ -565,7 +596,7 @@ def make_logger(
         "tensorboard": lambda: TensorBoardBackend(run_dir, config, resume_step),
         "wandb": lambda: WandbBackend(
             run_dir, config, project=wandb_project, entity=wandb_entity, run_name=run_name,
-            mode=wandb_mode, resume=resume_step is not None, log_checkpoints=wandb_log_checkpoints,
+            mode=wandb_mode, resume_step=resume_step, log_checkpoints=wandb_log_checkpoints,
         ),
         "jsonl": lambda: JsonlBackend(run_dir, resume_step),
     }

@@ -223,6 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="steps per timed block, a multiple of --log_train_freq (default 2 windows)")
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per variant (default 7 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant after the first step")
+    p.add_argument("--log_freq", type=int, default=None,
+                   help="console line (and its flush) every N steps, a multiple of --log_train_freq (default: the "
+                        "preset's); full's warm-up runs to this step first (not --matrix)")
     p.add_argument("--naive_hist_freq", type=int, default=100, help="naive: host histograms every N steps")
     p.add_argument("--grad_clip", type=float, default=0.0, help="clip the global grad norm (0 = off, the default)")
     p.add_argument("--no_compile", action="store_true", help="train the eager model in every variant")
@@ -243,7 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.preset, args.steps, args.repeats, args.warmup = "tiny", args.log_train_freq, 1, 1
         args.no_ranges = args.no_ranges or args.matrix  # --matrix --quick: the harness only
-    for name in ("log_train_freq", "repeats", "steps", "naive_hist_freq"):
+    for name in ("log_train_freq", "repeats", "steps", "naive_hist_freq", "log_freq"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     args.steps = args.steps or 2 * args.log_train_freq
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.preset, args.device, dtype=args.dtype, data=str(data_path), compile=not args.no_compile,
                 log_backend="tensorboard,jsonl", log_train_freq=args.log_train_freq, grad_clip=args.grad_clip,
                 eval_freq=0, generate_freq=0, probe_freq=0, ckpt_freq=0, progress=False, max_iters=1_000_000,
-                out_dir=str(workdir / "runs"), run_name="full")
+                out_dir=str(workdir / "runs"), run_name="full",
+                **({"log_freq": args.log_freq} if args.log_freq is not None else {}))
             device = pick_device(config)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -354,6 +358,8 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "log_train_freq": config.log_train_freq, "naive_hist_freq": args.naive_hist_freq, "data": data_label,
         "bare_ms": ms["bare"], "full_ms": ms["full"], "naive_ms": ms["naive"],
         "full_overhead_pct": pct["full"], "naive_overhead_pct": pct["naive"],
+        "paired_range_pct": {name: [min(paired[name]), max(paired[name])] for name in ("full", "naive")},
+        "log_freq": config.log_freq,
         "verdict_full": verdict(pct["full"]), "verdict_naive": verdict(pct["naive"]),
         "target_full_pct": target, "target_met": None if target is None else pct["full"] <= target,
         "compile_s": first_s["bare"] if config.compile else None, "first_step_s": first_s,

@@ -20,7 +20,10 @@ unfused ops at 10M fp32 elements on CPU.
     python bench/stats.py --quick               # small sizes, few repeats: the harness works
 
 The last stdout line is one JSON object: speedup_cpu and speedup_cpu_vs_compiled (at 10M, or the
-largest size run below it), the same for CUDA when a GPU ran, and per-size figures.
+largest size run below it), the same for CUDA when a GPU ran, and per-size figures. On CUDA each size
+also gets fraction_of_peak: the fused op's input bytes per second over the GPU's peak memory
+bandwidth (NVML: 2 x max memory clock x bus width, or --peak_gb_per_s). The op reads x twice (stats,
+then histogram), so 50% is its ceiling on tensors larger than the L2 cache.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile'd baseline (it compiles once per size)")
+    p.add_argument("--peak_gb_per_s", type=float, default=None,
+                   help="the GPU's peak memory bandwidth in GB/s (default: from NVML)")
     p.add_argument("--quick", action="store_true", help="sizes 1e5,1e6, 3 repeats, no compile: checks the harness")
     args = p.parse_args(argv)
     if args.quick:
@@ -163,6 +168,29 @@ def bench_size(n: int, device: torch.device, args: argparse.Namespace) -> dict[s
     }
 
 
+def gpu_peak_gb_per_s() -> float | None:
+    """Peak memory bandwidth of cuda:0 from NVML: 2 transfers per clock (HBM and GDDR as NVML
+    reports their clocks) x max memory clock x bus width. None when NVML cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no library or driver: no peak
+        return None
+    try:
+        try:  # the NVML device behind cuda:0 (CUDA_VISIBLE_DEVICES may reorder them)
+            handle = pynvml.nvmlDeviceGetHandleByUUID("GPU-" + str(torch.cuda.get_device_properties(0).uuid))
+        except Exception:  # noqa: BLE001
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        return 2 * clock_mhz * 1e6 * bus_bits / 8 / 1e9
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -239,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(results))
 
     cpu, cuda = headline(results, "cpu"), headline(results, "cuda")
+    peak = args.peak_gb_per_s if args.peak_gb_per_s else (gpu_peak_gb_per_s() if gpu else None)
+    if peak:
+        for r in results:
+            if r["device"] == "cuda":
+                r["fraction_of_peak"] = r["fused_gb_per_s"] / peak
+                print(f"cuda, n = {r['n']:,}: fused {r['fused_gb_per_s']:.0f} GB/s of input = "
+                      f"{r['fraction_of_peak']:.1%} of the {peak:.0f} GB/s peak (two passes: 50% is the ceiling)")
     if cpu is not None:
         verdict = "meets" if cpu["speedup"] >= TARGET_SPEEDUP else "MISSES"
         vs_compiled = (f"; {cpu['speedup_vs_compiled']:.2f}x vs the torch.compile'd reductions + histc"
@@ -254,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         "per_size": [
             {"device": r["device"], "n": r["n"], "median_ms": r["median_ms"], "best_baseline": r["best_baseline"],
              "speedup": r["speedup"], "speedup_vs_compiled": r["speedup_vs_compiled"],
-             "fused_gb_per_s": r["fused_gb_per_s"], "compile_s": r["compile_s"]}
+             "fused_gb_per_s": r["fused_gb_per_s"], "fraction_of_peak": r.get("fraction_of_peak"),
+             "compile_s": r["compile_s"]}
             for r in results
         ],
+        "peak_gb_per_s": peak,
+        "peak_source": None if not peak else "--peak_gb_per_s" if args.peak_gb_per_s else "NVML",
         "bins": args.bins,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),

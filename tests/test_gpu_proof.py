@@ -18,6 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_proof  # noqa: E402
+import proof_harness  # noqa: E402
+import proof_verdicts  # noqa: E402
 
 DRY_RUN_TIMEOUT_S = 900  # a few minutes on a loaded 2-core CPU; the proof's own deadline is longer
 VERDICTS = {"PASS", "FAIL", "unresolved", "SKIPPED", "REPORTED", "FAILED", "TIMEOUT", "NOT RUN"}
@@ -69,7 +71,7 @@ def test_dry_run_files_per_step_all_under_16_mb(dry_run):
 
 
 def fake_step(step_id: str, code: str, budget_s: float, min_s: float = 0.5) -> gpu_proof.Step:
-    def judge(record: dict, checks: gpu_proof.Checks) -> None:
+    def judge(record: dict, checks: proof_verdicts.Checks) -> None:
         if "value" in record:
             checks.reported("versions", record["value"])
         else:
@@ -164,9 +166,9 @@ def test_a_step_may_use_time_left_by_earlier_steps_but_not_the_later_steps_budge
     ctx = make_ctx(tmp_path, deadline_s=100.0)
     first, second, third = (fake_step(str(i), "", budget_s=b) for i, b in ((1, 10.0), (2, 20.0), (3, 30.0)))
     # 100 s left, 50 s owed to the two later steps: the first may run 50 s, not 100
-    assert gpu_proof.step_timeout(first, [second, third], ctx) == pytest.approx(50.0, abs=1.0)
+    assert proof_harness.step_timeout(first, [second, third], ctx) == pytest.approx(50.0, abs=1.0)
     ctx.deadline = time.monotonic() + 25.0  # earlier steps overran: no more than what is left
-    assert gpu_proof.step_timeout(third, [], ctx) == pytest.approx(25.0, abs=1.0)
+    assert proof_harness.step_timeout(third, [], ctx) == pytest.approx(25.0, abs=1.0)
 
 
 @pytest.mark.parametrize("value, paired, verdict", [
@@ -177,7 +179,7 @@ def test_a_step_may_use_time_left_by_earlier_steps_but_not_the_later_steps_budge
     (1.1, None, "FAIL"),  # no paired range: the median alone
 ])
 def test_at_most_uses_the_paired_range(value, paired, verdict):
-    assert gpu_proof.at_most(value, 1.0, paired)[0] == verdict
+    assert proof_verdicts.at_most(value, 1.0, paired)[0] == verdict
 
 
 def test_the_targets_table_covers_every_check_and_the_budgets_fit_the_deadline():

@@ -1,21 +1,20 @@
-"""The run configuration: one typed dataclass, its command-line flags, presets, validation.
+"""The run configuration: one typed dataclass, its presets, its validation.
 
-Every field's `help` doubles as the flag's help text. Flags are snake_case like the reference
-train.py. Resolution order: dataclass defaults < preset < explicit flags (< a resumed checkpoint's
-saved config, for fields not given explicitly). `RunConfig.__post_init__` validates every value;
-`parse_args` turns each problem into argparse's one-line error and exit status 2.
+Every field's `help` doubles as its command-line flag's help text (bdh_fast/flags.py builds the
+flags from the fields). Resolution order: dataclass defaults < preset < explicit flags (< a resumed
+checkpoint's saved config, for fields not given explicitly). `RunConfig.__post_init__` validates
+every value, whether it comes from the command line, a checkpoint or code.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import math
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from bdh_fast.errors import UserError
 from bdh_fast.model import BDHConfig
@@ -261,45 +260,6 @@ def default_run_name() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage dump), still with exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
-        prog="python -m bdh_fast.train",
-        description="Train BDH (Dragon Hatchling) on a byte corpus with torch.compile and telemetry.",
-        argument_default=argparse.SUPPRESS,  # only explicitly given flags appear in the namespace
-    )
-    for f in dataclasses.fields(RunConfig):
-        if not f.metadata.get("cli", True):
-            continue
-        flag, help = f"--{f.name}", f.metadata["help"]
-        if "allowed" in f.metadata:
-            help += f"; {f.metadata['allowed']}"
-        if "flag" in f.metadata:  # a negative switch such as --no_progress
-            parser.add_argument(f.metadata["flag"], dest=f.name, action="store_false", help=help)
-            continue
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-            continue
-        kind = {"int": int, "float": _finite_float}.get(str(f.type).removesuffix(" | None"), str)
-        parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), help=help,
-                            nargs=f.metadata.get("nargs"),
-                            metavar=f.name.upper() if "choices" not in f.metadata else None)
-    return parser
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
 def resolve(explicit: dict[str, Any], *, cuda_available: bool, base: dict[str, Any] | None = None) -> RunConfig:
     """Build the RunConfig: defaults, then the preset, then `base` (a resumed run's saved config),
     then the explicitly given flags. Raises UserError on any invalid value."""
@@ -317,9 +277,3 @@ def resolve(explicit: dict[str, Any], *, cuda_available: bool, base: dict[str, A
     if values.get("run_name") is None:
         values["run_name"] = default_run_name()
     return RunConfig(**values)
-
-
-def parse_flags(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
-    """Parse the command line; returns the parser (for `parser.error`) and the explicit flags."""
-    parser = build_parser()
-    return parser, vars(parser.parse_args(argv))

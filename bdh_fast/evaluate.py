@@ -1,22 +1,35 @@
-"""Validation metrics and text samples.
+"""Validation metrics and text samples: public functions, and what the training CLI itself runs.
 
-`evaluate` runs the (compiled) training model in eval mode under no_grad and the training autocast
-over FIXED batches — the same batches at every evaluation, drawn once from their own seed — so
-curves compare across evaluations and across runs. Loss and correct-token counts accumulate on the
-device; the host reads them once per evaluation.
+    from bdh_fast.evaluate import evaluate, generate_samples
+
+    val_batches = [get_batch("val") for _ in range(10)]   # draw once: every evaluation compares
+    metrics = evaluate(model, val_batches)                 # {"loss", "perplexity", "accuracy"}
+    texts = generate_samples(model, ["To be or "], max_tokens=100)
+
+`evaluate` runs the model in eval mode under no_grad. Loss and correct-token counts accumulate on
+the device; the host reads them once per call. The CLI passes FIXED batches, drawn once from their
+own seed, so curves compare across evaluations and across runs. `generate_samples` draws from its
+own generator, so neither function moves the training RNG streams.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from bdh_fast.data import decode, encode
 
-Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T)
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 
 @contextlib.contextmanager
@@ -31,22 +44,30 @@ def eval_mode(module: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: Callable, module: torch.nn.Module, batches: Batches,
-             autocast: Callable[[], contextlib.AbstractContextManager],
+def evaluate(model: torch.nn.Module, data: Sequence[Batch] | Callable[[], Batch], eval_iters: int | None = None, *,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              reduce: Callable[[torch.Tensor], object] | None = None) -> dict[str, float]:
-    """Mean cross-entropy, perplexity and top-1 accuracy over `batches`.
+    """Mean cross-entropy, perplexity and top-1 accuracy of `model` over `eval_iters` batches.
 
-    model: what to call (the compiled module, so its graph is reused); module: the nn.Module whose
-    train/eval mode is switched; autocast: a factory for the training autocast context; reduce: an
-    in-place sum over data-parallel ranks when each rank evaluates its share of the batches.
+    model: called as model(x, y), returning (logits, loss) as BDH does, or logits (B, T, V) alone
+    (the loss is then their mean cross-entropy); a torch.compile'd or DDP-wrapped module works, and
+    its graph is reused. data: the batches (all of them when eval_iters is None), or a function
+    returning one batch, called eval_iters times. autocast: a factory for the training autocast
+    context. reduce: an in-place sum over data-parallel ranks, when each rank evaluated its share.
     """
-    device = next(module.parameters()).device
+    if callable(data) and eval_iters is None:
+        raise ValueError("evaluate: pass eval_iters, the number of batches to draw from the data function")
+    batches = [data() for _ in range(eval_iters)] if callable(data) else list(data)[:eval_iters]
+    device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
-    with eval_mode(module):
+    with eval_mode(model):
         for x, y in batches:
             with autocast():
-                logits, loss = model(x, y)
+                out = model(x, y)
+            logits, loss = out if isinstance(out, tuple) else (out, None)  # (B, T, V), ()
+            if loss is None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             loss_sum += loss.double()
             correct += (logits.argmax(dim=-1) == y).sum()
     tokens = sum(y.numel() for _, y in batches)
@@ -61,20 +82,25 @@ def evaluate(model: Callable, module: torch.nn.Module, batches: Batches,
 
 
 @torch.no_grad()
-def sample(module: torch.nn.Module, prompts: Sequence[str], max_new_tokens: int, *,
-           temperature: float, top_k: int | None, seed: int,
-           autocast: Callable[[], contextlib.AbstractContextManager]) -> list[str]:
-    """One continuation per prompt, decoded with errors="backslashreplace". Sampling draws from its
-    own generator seeded with `seed`, so it never moves the training RNG streams."""
-    device = next(module.parameters()).device
+def generate_samples(model: torch.nn.Module, prompts: Sequence[str], tokenizer: Tokenizer | None = None,
+                     max_tokens: int = 100, *, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[str]:
+    """One continuation of `max_tokens` tokens per prompt (the prompt itself not included).
+
+    model: the uncompiled module, with BDH's `generate(idx, max_new_tokens, temperature=, top_k=,
+    generator=)`. tokenizer: `encode(text) -> ids` and `decode(ids) -> text`; by default bytes, decoded
+    with errors="backslashreplace". Sampling draws from its own generator seeded with `seed`, so
+    the same seed gives the same texts and the training RNG streams never move.
+    """
+    to_ids, to_text = (tokenizer.encode, tokenizer.decode) if tokenizer is not None else (encode, decode)
+    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
-    with eval_mode(module):
+    with eval_mode(model):
         for prompt in prompts:
-            idx = torch.tensor([encode(prompt)], dtype=torch.long, device=device)  # (1, T0)
+            idx = torch.tensor([to_ids(prompt)], dtype=torch.long, device=device)  # (1, T0)
             with autocast():
-                ids = module.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                      generator=generator)
+                ids = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
             # SYNC POINT (sampling): the generated ids come to the host to be decoded.
-            out.append(decode(ids[0, idx.size(1):].tolist()))
+            out.append(to_text(ids[0, idx.size(1):].tolist()))
     return out

@@ -134,13 +134,13 @@ class Full:
                   f"{config.log_train_freq}: timed blocks will hold uneven numbers of flushes",
                   file=sys.stderr, flush=True)
             return 0
-        while self.step < config.log_freq or len(self.trainer.buffer) != config.log_train_freq - 1:
+        while self.step < config.log_freq or len(self.trainer.telemetry.buffer) != config.log_train_freq - 1:
             self.steps(1)
             taken += 1
         return taken
 
     def settle(self) -> None:
-        self.trainer.logger.flush()  # normally already idle: the last flush of a block is a window ago
+        self.trainer.telemetry.logger.flush()  # normally already idle: the last flush of a block is a window ago
 
     def close(self) -> None:
         with quiet():
@@ -439,7 +439,7 @@ def build_row(row: dict, base: dict, device: torch.device, workdir: pathlib.Path
     except Exception as e:  # noqa: BLE001 - a row that cannot start is reported, not fatal
         row.update(status="skipped", reason=f"{type(e).__name__}: {e}".splitlines()[0][:200])
         return None
-    failed = list(getattr(full.trainer.logger, "failed", []))
+    failed = list(getattr(full.trainer.telemetry.logger, "failed", []))
     if failed:
         lines = [line for line in err.getvalue().splitlines() if "could not start" in line] or [f"{failed} failed"]
         full.close()

@@ -32,7 +32,7 @@ from common import (corpus_file, emit_json, interleaved, machine_info, machine_l
 
 from bdh_fast.config import RunConfig  # noqa: E402
 from bdh_fast.model import BDH, BDHConfig  # noqa: E402
-from bdh_fast.ops import tensor_stats  # noqa: E402
+from bdh_fast.ops import STATS_SIZE, tensor_stats  # noqa: E402
 from bdh_fast.telemetry.backends import Histogram  # noqa: E402
 from bdh_fast.train import Trainer, pick_device  # noqa: E402
 
@@ -50,7 +50,7 @@ def amortized(config: RunConfig, repeats: int) -> tuple[str, dict]:
         step = state["step"] * config.probe_freq + 1  # never a probe step
         trainer.train_step(step)
         trainer.step = step
-        if len(trainer.buffer) == config.log_train_freq:
+        if len(trainer.telemetry.buffer) == config.log_train_freq:
             trainer.flush()
 
     def probe_step():  # a step that is a probe step, then the probe's collection
@@ -97,10 +97,10 @@ def histograms(device: torch.device, repeats: int, workdir: Path, bins: int = 64
         step["n"] += 1
         results = [(name, tensor_stats(p.detach(), bins)) for name, p in params.items()]
         flat = torch.cat([torch.cat([s, h.double()]) for _, (s, h) in results]).tolist()  # one read
-        width = len(results[0][1][0]) + bins
+        width = STATS_SIZE + bins
         for i, (name, _) in enumerate(results):
-            s, counts = flat[i * width:i * width + width - bins], flat[i * width + width - bins:(i + 1) * width]
-            h = Histogram.from_counts(s[3], s[4], counts, num=sum(counts), sum=s[1], sum_squares=s[2])
+            row = flat[i * width:(i + 1) * width]
+            h = Histogram.from_stats(row[:STATS_SIZE], row[STATS_SIZE:])
             ours.add_histogram_raw(name, h.min, h.max, h.num, h.sum, h.sum_squares, h.bucket_limits,
                                    h.bucket_counts, step["n"])
 

@@ -20,14 +20,14 @@ import time
 import pytest
 
 from bdh_fast.errors import UserError
+from bdh_fast.logger import Logger
 from bdh_fast.telemetry.backends import (
     Backend,
     Histogram,
     JsonlBackend,
-    Logger,
     TensorBoardBackend,
     WandbBackend,
-    make_logger,
+    Writer,
     parse_backends,
     wandb_api_key_configured,
 )
@@ -95,7 +95,7 @@ def wandb_records(run_file):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """One run through tensorboard + jsonl + wandb(offline, mode auto) via make_logger."""
+    """One run through tensorboard + jsonl + wandb(offline, mode auto) via the public Logger."""
     root = tmp_path_factory.mktemp("full")
     run_dir = str(root / "run")
     checkpoint = root / "ckpt.pt"
@@ -105,9 +105,8 @@ def full_run(tmp_path_factory):
         mp.delenv("WANDB_MODE")  # let mode auto find no API key and choose offline itself
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
-            logger = make_logger(["tensorboard", "jsonl", "wandb"], run_dir, CONFIG, None,
-                                 wandb_project="bdh-test", wandb_entity=None, wandb_mode="auto",
-                                 run_name="test-run", wandb_log_checkpoints=True)
+            logger = Logger("tensorboard,jsonl,wandb", project_name="bdh-test", config=CONFIG, log_dir=run_dir,
+                            wandb_entity=None, wandb_mode="auto", run_name="test-run", log_checkpoints=True)
             for step in range(1, N_STEPS + 1):
                 logger.log_metrics(metrics_at(step), step)
                 if step % 10 == 0:
@@ -238,7 +237,7 @@ def test_wandb_resume_logs_every_step_exactly_once(tmp_path, monkeypatch):
     """Segment 1 gave W&B steps 1-4 and 6-10 (step 5 lost when the process died) and JSONL steps
     1-10; its checkpoint is at step 8. The resumed segment recomputes 9-12: W&B must end with every
     step once (5 backfilled from metrics.jsonl, 9-10 not logged twice), across both segments."""
-    from bdh_fast.telemetry import wandb_history
+    from bdh_fast.telemetry.backends import wandb_history
 
     wandb_offline_env(monkeypatch, tmp_path)
     run_dir = str(tmp_path / "run")
@@ -324,7 +323,7 @@ def feed(logger):
 
 def test_failing_backend_is_dropped_with_one_warning(capsys):
     first, flaky, last = Recorder("first"), Flaky("flaky"), Recorder("last")
-    logger = Logger([first, flaky, last])
+    logger = Writer([first, flaky, last])
     n = feed(logger)
     assert logger.flush(timeout=10)
     logger.finish()
@@ -345,7 +344,7 @@ def test_backend_failing_in_finish_is_warned_and_others_finish(capsys):
             raise OSError("cannot close")
 
     good, bad = Recorder("good"), BadFinish("bad")
-    logger = Logger([bad, good])
+    logger = Writer([bad, good])
     logger.log_metrics({"a/b": 1.0}, 1)
     logger.finish()
     assert good.finished and good.calls == bad.calls == [("metrics", 1, {"a/b": 1.0})]
@@ -355,7 +354,7 @@ def test_backend_failing_in_finish_is_warned_and_others_finish(capsys):
 
 def test_logging_never_blocks_and_flush_waits():
     slow = Slow("slow")
-    logger = Logger([slow])
+    logger = Writer([slow])
     start = time.perf_counter()
     for step in range(50):
         logger.log_metrics({"train/loss": float(step)}, step)
@@ -384,7 +383,7 @@ class Stalled(Recorder):
 def test_stalled_backend_costs_bounded_memory_then_records_are_dropped_and_counted(capsys):
     stalled, healthy = Stalled("stalled"), Recorder("healthy")
     bound = 100
-    logger = Logger([healthy, stalled], max_queued_values=bound)
+    logger = Writer([healthy, stalled], max_queued_values=bound)
     logger.log_metrics({"train/loss": 0.0}, 0)
     assert stalled.entered.wait(10)  # the writer is now stuck inside the stalled backend
     peak, start = 0, time.perf_counter()
@@ -411,7 +410,7 @@ def test_stalled_backend_costs_bounded_memory_then_records_are_dropped_and_count
 
 def test_a_record_larger_than_the_bound_still_goes_through_an_empty_queue():
     rec = Recorder("rec")
-    logger = Logger([rec], max_queued_values=10)
+    logger = Writer([rec], max_queued_values=10)
     logger.log_histogram("h", Histogram.from_counts(0.0, 1.0, [1.0] * 64, 64, 32.0, 21.0), 1)
     logger.finish()
     assert [c[0] for c in rec.calls] == ["histogram"] and logger.dropped == 0
@@ -426,7 +425,7 @@ def test_finish_gives_up_on_a_backend_that_does_not_finish_and_names_it(capsys):
             self.finished = True
 
     good, hangs = Recorder("good"), Hangs("hangs")
-    logger = Logger([good, hangs], finish_timeout_s=0.3)
+    logger = Writer([good, hangs], finish_timeout_s=0.3)
     logger.log_metrics({"a/b": 1.0}, 1)
     start = time.perf_counter()
     assert logger.finish() is False  # the default timeout is the Logger's finish_timeout_s
@@ -445,7 +444,7 @@ def test_finish_gives_up_on_a_backend_that_does_not_finish_and_names_it(capsys):
 
 def test_flush_without_a_timeout_is_bounded_too():
     stalled = Stalled("stalled")
-    logger = Logger([stalled], finish_timeout_s=0.2)
+    logger = Writer([stalled], finish_timeout_s=0.2)
     logger.log_metrics({"a/b": 1.0}, 1)
     assert stalled.entered.wait(10)
     start = time.perf_counter()
@@ -459,7 +458,7 @@ def test_flush_without_a_timeout_is_bounded_too():
 
 def test_caller_may_reuse_its_dict():
     rec = Recorder("rec")
-    logger = Logger([rec])
+    logger = Writer([rec])
     row = {"train/loss": 1.0}
     logger.log_metrics(row, 1)
     row["train/loss"] = 2.0
@@ -528,7 +527,7 @@ def test_histogram_merges_buckets_for_wandb_limit():
 
 
 def test_logger_flush_makes_tensorboard_events_readable(tmp_path):
-    logger = Logger([TensorBoardBackend(str(tmp_path), {}, None)])
+    logger = Writer([TensorBoardBackend(str(tmp_path), {}, None)])
     logger.log_metrics({"train/loss": 1.5}, 3)
     assert logger.flush(timeout=10)
     assert [(e.step, e.value) for e in load_tensorboard(str(tmp_path)).Scalars("train/loss")] == [(3, 1.5)]
@@ -560,15 +559,15 @@ def test_parse_backends():
         parse_backends("jsonl,wandbb")
 
 
-def test_make_logger_none_and_unknown(tmp_path):
-    logger = make_logger(["none"], str(tmp_path), CONFIG, None)
+def test_logger_none_and_unknown(tmp_path):
+    logger = Logger("none", config=CONFIG, log_dir=str(tmp_path))
     assert logger.backends == [] and logger._thread is None
     logger.log_metrics({"train/loss": 1.0}, 1)
     assert logger.flush() is True
     logger.finish()
     assert os.listdir(tmp_path) == []
     with pytest.raises(UserError, match="choose from"):
-        make_logger(["tensorboard", "csv"], str(tmp_path), CONFIG, None)
+        Logger("tensorboard,csv", config=CONFIG, log_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
@@ -615,7 +614,7 @@ def test_logger_flush_makes_jsonl_durable_before_a_checkpoint(tmp_path, monkeypa
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    logger = Logger([JsonlBackend(str(tmp_path)), Recorder("plain")])  # a backend without sync: flush
+    logger = Writer([JsonlBackend(str(tmp_path)), Recorder("plain")])  # a backend without sync: flush
     logger.log_metrics({"train/loss": 1.0}, 1)
     assert logger.flush(timeout=10)
     path = tmp_path / "metrics.jsonl"
@@ -627,7 +626,7 @@ def test_logger_flush_makes_jsonl_durable_before_a_checkpoint(tmp_path, monkeypa
 
 def test_wandb_disabled_mode_writes_nothing(tmp_path, monkeypatch):
     wandb_offline_env(monkeypatch, tmp_path)
-    logger = make_logger(["wandb"], str(tmp_path / "run"), CONFIG, None, wandb_mode="disabled")
+    logger = Logger("wandb", config=CONFIG, log_dir=str(tmp_path / "run"), wandb_mode="disabled")
     logger.log_metrics({"train/loss": 1.0}, 1)
     logger.log_histogram("h", hist_at(1), 1)
     logger.finish()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bdh_fast import train
-from bdh_fast.evaluate import evaluate, sample
+from bdh_fast.evaluate import evaluate, generate_samples
 from bdh_fast.model import BDH, BDHConfig
 
 from test_telemetry import make_trainer
@@ -23,7 +22,7 @@ def test_metrics_equal_an_independent_computation():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(256, (3, 16), generator=g), torch.randint(256, (3, 16), generator=g))
                for _ in range(4)]
-    got = evaluate(model, model, batches, contextlib.nullcontext)
+    got = evaluate(model, batches)
     assert model.training  # restored
 
     model.eval()
@@ -40,8 +39,8 @@ def test_metrics_equal_an_independent_computation():
 def test_eval_uses_fixed_batches_and_one_host_read(corpus, tmp_path, monkeypatch):
     trainer = make_trainer(corpus, tmp_path, max_iters=2, eval_freq=1, eval_iters=3)
     try:
-        val = trainer.eval_batches["val"]
-        assert len(val) == 3 and len(trainer.eval_batches["train"]) == 3
+        val = trainer.telemetry.eval_batches["val"]
+        assert len(val) == 3 and len(trainer.telemetry.eval_batches["train"]) == 3
         reads = []
         real = torch.Tensor.tolist
         monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
@@ -50,7 +49,7 @@ def test_eval_uses_fixed_batches_and_one_host_read(corpus, tmp_path, monkeypatch
         monkeypatch.undo()
         trainer.train_step(1)
         trainer.step = 1
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(val, trainer.eval_batches["val"]))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(val, trainer.telemetry.eval_batches["val"]))
         second = trainer.evaluate()
         assert second["val/loss"] != first["val/loss"]  # same batches, new weights
     finally:
@@ -85,8 +84,8 @@ def test_samples_are_logged_per_prompt_and_reproducible(corpus, tmp_path):
 
     model = BDH(BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4))
     state = torch.get_rng_state()
-    a = sample(model, ["ab"], 10, temperature=1.0, top_k=None, seed=5, autocast=contextlib.nullcontext)
-    b = sample(model, ["ab"], 10, temperature=1.0, top_k=None, seed=5, autocast=contextlib.nullcontext)
+    a = generate_samples(model, ["ab"], max_tokens=10, temperature=1.0, top_k=None, seed=5)
+    b = generate_samples(model, ["ab"], max_tokens=10, temperature=1.0, top_k=None, seed=5)
     assert a == b and torch.equal(state, torch.get_rng_state())
 
 

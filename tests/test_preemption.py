@@ -42,13 +42,14 @@ def train_cmd(*args: str) -> list[str]:
 def env() -> dict[str, str]:
     wandb_home = pathlib.Path(os.environ.get("PYTEST_WANDB_HOME", "/tmp/bdh-preempt-wandb"))
     return {**os.environ, "OMP_NUM_THREADS": "1",  # the same math in every process
-            "WANDB_SILENT": "true", "WANDB_CACHE_DIR": str(wandb_home / "cache"),
+            "WANDB_SILENT": "true", "WANDB_INIT_TIMEOUT": "600",  # a loaded 2-core CI machine is slow
+            "WANDB_CACHE_DIR": str(wandb_home / "cache"),
             "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}
 
 
 def wandb_rows(run_dir: pathlib.Path) -> list[dict]:
     """Every history row of every W&B segment of the run, read with wandb's own reader."""
-    from bdh_fast.telemetry import wandb_history
+    from bdh_fast.telemetry.backends import wandb_history
 
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     return [row for log in wandb_history.transaction_logs(run_dir, run_id)
@@ -161,6 +162,8 @@ def interrupt_then_resume(corpus, tmp_path, reference, kind: int, delay: float) 
                                  capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         result["restarted"] = "starting it" in resumed.stdout
+        warnings = [line for line in resumed.stderr.splitlines() if line.startswith("warning")]
+        assert not warnings, (result, warnings)  # every backend started and kept working
     assert_equals_reference(run_dir, reference, str(result))
     return result
 

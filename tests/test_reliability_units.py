@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from bdh_fast import checkpoint, train
-from bdh_fast.config import PRESETS, RunConfig, build_parser, resolve
+from bdh_fast.config import PRESETS, RunConfig, resolve
+from bdh_fast.flags import build_parser
 from bdh_fast.errors import UserError
 
 # --- durability --------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_no_host_reads_between_flushes(corpus, tmp_path):
             per_step[step] = list(reads)
             reads.clear()
             trainer.step = step
-            if len(trainer.buffer) == trainer.config.log_train_freq:
+            if len(trainer.telemetry.buffer) == trainer.config.log_train_freq:
                 trainer.flush()
     finally:
         trainer.close()
@@ -95,13 +95,13 @@ def test_no_host_reads_between_flushes(corpus, tmp_path):
 def test_fit_flushes_only_on_window_console_and_end(corpus, tmp_path):
     trainer = make_trainer(corpus, tmp_path, max_iters=13, log_train_freq=5, log_freq=100)
     flushed_at: list[int] = []
-    real = trainer.buffer.flush
+    real = trainer.telemetry.buffer.flush
 
     def spy(*args):
         flushed_at.append(trainer.step)
         return real(*args)
 
-    trainer.buffer.flush = spy
+    trainer.telemetry.buffer.flush = spy
     try:
         trainer.fit()
     finally:
@@ -273,7 +273,7 @@ def test_tensorboard_has_every_metric_at_every_step_equal_to_jsonl(corpus, tmp_p
 def test_backend_none_logs_nothing_and_skips_grad_norms(corpus, tmp_path, capsys):
     trainer = make_trainer(corpus, tmp_path, max_iters=6, log_train_freq=3, log_freq=3, log_backend="none")
     try:
-        assert trainer.grad_norms is None and trainer.buffer.names == ["train/loss", "nonfinite"]
+        assert trainer.telemetry.grad_norms is None and trainer.telemetry.buffer.names == ["train/loss", "nonfinite"]
         trainer.fit()
     finally:
         trainer.close()

@@ -42,21 +42,13 @@ class GradNorms:
             + [f"train/grad_norm/{n.removesuffix('.weight')}" for n in param_names]
             + [f"train/grad_norm/group_{g}" for g in groups]
         )
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, p in enumerate(self.params):
-            buckets[(p.device, p.dtype)].append(i)
-        self.buckets = list(buckets.values())
+        self.buckets = _buckets(self.params)
         self.order = torch.tensor([i for b in self.buckets for i in b], device=device)
 
     def compute(self, max_norm: float = 0.0) -> torch.Tensor:
         """Norms of the current gradients (params without a gradient count as zero); with
         max_norm > 0 the gradients are then scaled in place so the global norm is <= max_norm."""
-        per_bucket = []
-        for bucket in self.buckets:
-            grads = [self._grad(i) for i in bucket]
-            norms = torch._foreach_norm(grads)  # one fused pass per (device, dtype)
-            per_bucket.append(torch.stack(norms).to(self.device, torch.float32))
-        stacked = torch.cat(per_bucket)  # (n_params,) in bucket order
+        stacked = _norms_in_bucket_order(self.params, self.buckets, self.device)  # (n_params,)
         per_param = torch.empty_like(stacked).index_copy_(0, self.order, stacked)
         squared = per_param.square()
         total = squared.sum().sqrt()
@@ -69,6 +61,31 @@ class GradNorms:
                     torch._foreach_mul_(grads, coef.to(grads[0].device))
         return torch.cat([total.view(1), per_param, per_group])
 
-    def _grad(self, i: int) -> torch.Tensor:
-        grad = self.params[i].grad
-        return grad if grad is not None else torch.zeros((), device=self.params[i].device)
+
+def get_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of `model`'s gradients, as a 0-dim float32 tensor on the device of its
+    first parameter. Reduced there with the same fused pass the training loop logs (GradNorms), and
+    never read: no host sync (read it at a sync point of your own, or log it through a buffer).
+    Parameters without a gradient count as zero."""
+    params = list(model.parameters())
+    norms = _norms_in_bucket_order(params, _buckets(params), params[0].device)  # (n_params,)
+    return norms.square().sum().sqrt()
+
+
+def _buckets(params: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `params` grouped by (device, dtype), in first-seen order: one fused pass each."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+    return list(buckets.values())
+
+
+def _norms_in_bucket_order(params: list[torch.Tensor], buckets: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Every parameter's gradient norm, float32 on `device`, ordered bucket by bucket."""
+    per_bucket = []
+    for bucket in buckets:
+        grads = [params[i].grad if params[i].grad is not None else torch.zeros((), device=params[i].device)
+                 for i in bucket]
+        norms = torch._foreach_norm(grads)  # one fused pass per (device, dtype)
+        per_bucket.append(torch.stack(norms).to(device, torch.float32))
+    return torch.cat(per_bucket)

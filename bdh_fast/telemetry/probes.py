@@ -1,5 +1,6 @@
 """Model probes, every --probe_freq steps: parameter norms, update-to-weight ratios, weight and
-gradient histograms computed on the device, and BDH neuron statistics on a fixed probe batch.
+gradient histograms computed on the device (any nn.Module), and, for BDH only, neuron statistics on
+a fixed probe batch.
 
 Everything is reduced on the device (one foreach pass for norms, the fused `tensor_stats` op for
 histograms and sparsity); the host reads the results once per probe. No full tensor goes to the
@@ -17,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from bdh_fast.model import BDH
 from bdh_fast.ops import STATS_FIELDS, tensor_stats
-from bdh_fast.telemetry.backends import Histogram
+from bdh_fast.telemetry.backends.base import Histogram
 
-_COUNT, _SUM, _SUM_SQ, _MIN, _MAX, _NONZERO = (STATS_FIELDS.index(f) for f in
-                                                ("count", "sum", "sum_sq", "min", "max", "nonzero"))
+_COUNT, _SUM, _NONZERO = (STATS_FIELDS.index(f) for f in ("count", "sum", "nonzero"))
 _RELUS = (F.relu, torch.relu)
 
 
@@ -63,12 +64,15 @@ NEURON_NAMES = ["sparsity/x", "active_mean/x", "sparsity/y", "active_mean/y", "s
 
 
 class Probes:
-    def __init__(self, model: torch.nn.Module, probe_x: torch.Tensor, bins: int,
+    """The probes of `model` (the uncompiled module). The neuron statistics attach only to a BDH
+    given a probe batch `probe_x`; the norms, ratios and histograms work for any module."""
+
+    def __init__(self, model: torch.nn.Module, probe_x: torch.Tensor | None, bins: int,
                  autocast: Callable[[], contextlib.AbstractContextManager]):
         self.model = model
         self.named = [(n.removesuffix(".weight"), p) for n, p in model.named_parameters()]
         self.params = [p for _, p in self.named]
-        self.probe_x = probe_x  # (B, T) fixed probe batch
+        self.probe_x = probe_x if isinstance(model, BDH) else None  # (B, T) fixed probe batch
         self.bins = bins
         self.autocast = autocast
         self.grad_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -97,6 +101,8 @@ class Probes:
         return self._unpack(flat, bool(self.weights_before), len(neuron))
 
     def _neuron_stats(self) -> list[torch.Tensor]:
+        if self.probe_x is None:
+            return []
         mode = _NeuronStats()
         was_training = self.model.training
         self.model.eval()
@@ -124,9 +130,8 @@ class Probes:
         kinds = ["weights"] * len(names) + (["grads"] * len(names) if self.grad_stats else [])
         for kind, name in zip(kinds, names * 2):
             chunk = take(len(STATS_FIELDS) + self.bins)
-            s, counts = chunk[:len(STATS_FIELDS)], chunk[len(STATS_FIELDS):]
-            histograms[f"model/{kind}/{name}"] = Histogram.from_counts(
-                s[_MIN], s[_MAX], counts, num=sum(counts), sum=s[_SUM], sum_squares=s[_SUM_SQ])
+            histograms[f"model/{kind}/{name}"] = Histogram.from_stats(chunk[:len(STATS_FIELDS)],
+                                                                      chunk[len(STATS_FIELDS):])
         for layer in range(n_layers):
             for key, value in zip(NEURON_NAMES, take(len(NEURON_NAMES))):
                 metrics[f"model/{key}/layer{layer}"] = value

@@ -1,8 +1,6 @@
-"""Step time without host syncs, tokens/s, FLOPs per token (BDH.md) and MFU."""
+"""The inputs of MFU: training FLOPs per token (BDH.md) and the accelerator's peak TFLOP/s."""
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -48,35 +46,3 @@ def peak_tflops(device: torch.device, dtype: str, override: float | None = None)
         if key in name:
             return by_dtype.get(dtype)
     return None
-
-
-class StepTimer:
-    """Wall time of each step. On CUDA, events recorded on the stream and read only at flush (after
-    the flush's wait); on CPU, perf_counter (CPU work is synchronous). No host sync per step."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[object, object]] = []
-        self._start: object | None = None
-
-    def _now(self) -> object:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._start = self._now()
-
-    def stop(self) -> None:
-        self.marks.append((self._start, self._now()))
-
-    def read_ms(self) -> list[float]:
-        """Milliseconds per stopped step since the last read. Call after the flush's wait."""
-        if self.cuda:
-            out = [start.elapsed_time(end) for start, end in self.marks]  # type: ignore[attr-defined]
-        else:
-            out = [(end - start) * 1e3 for start, end in self.marks]  # type: ignore[operator]
-        self.marks = []
-        return out

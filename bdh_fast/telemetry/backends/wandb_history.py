@@ -25,13 +25,25 @@ import sys
 from collections import defaultdict
 from typing import Any, Callable
 
+from bdh_fast.telemetry.backends.base import Histogram
+
 READ_TIMEOUT_S = 120.0
 STEP_KEY = "step"  # the custom step axis every bdh_fast metric is plotted against
 
 
 def transaction_logs(run_dir: str | pathlib.Path, run_id: str) -> list[pathlib.Path]:
-    """Every segment's `.wandb` log of run `run_id` under `run_dir/wandb`, oldest first."""
-    return sorted(pathlib.Path(run_dir).glob(f"wandb/*-{run_id}/run-{run_id}.wandb"))
+    """Every segment's `.wandb` log of run `run_id` under `run_dir/wandb`, oldest first.
+
+    A segment's directory is `<mode>-<start time>-<id>`; when two start in the same second, wandb
+    names the later one `...-<id>-<n>`."""
+    wandb_dir = pathlib.Path(run_dir) / "wandb"
+    logs = [*wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb"), *wandb_dir.glob(f"*-{run_id}-[0-9]*/run-{run_id}.wandb")]
+
+    def started(log: pathlib.Path) -> tuple[str, int]:
+        head, _, suffix = log.parent.name.partition(f"-{run_id}")
+        return head.rsplit("-", 1)[-1], int(suffix[1:] or 0)
+
+    return sorted(logs, key=started)
 
 
 def history_items(log: pathlib.Path) -> list[dict[str, Any]]:
@@ -70,8 +82,6 @@ def backfill(run_dir: str | pathlib.Path, upto_step: int, logged: dict[int, set[
              log: Callable[[str, tuple], None]) -> int:
     """Re-log, from metrics.jsonl, every record up to `upto_step` that W&B does not hold. `log`
     takes a backend method name and its arguments. Returns the number of records re-logged."""
-    from bdh_fast.telemetry.backends import Histogram  # the one histogram type
-
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return 0

@@ -1,0 +1,347 @@
+"""The telemetry seam: the one object a training loop talks to, for any nn.Module.
+
+Per step, four calls, none of which reads a tensor on the host (DESIGN.md invariant 1):
+
+    telemetry.step_start(step)                  # the step is timed from here
+    ...forward, backward (and GradScaler.unscale_)...
+    found_inf = telemetry.after_backward(loss)  # grad norms (+ clipping) on the device, probe gradients
+    ...optimizer step...
+    telemetry.step_end(step)                    # the step's values into the device buffer
+    telemetry.due(step)                         # the sync points that fall on this step, by name
+
+then, at their cadence, the sync points, the only places the host reads training values: flush()
+(the whole window in one copy), probe(), evaluate(), log_samples(). A plain loop calls step(step)
+after its optimizer step instead of step_end and due: it records the step and runs what is due.
+
+Device side: StepBuffer (buffer.py), GradNorms (grads.py), StepTimer (timer.py). Host side:
+MetricsProcessor and Console (metrics.py), the Logger (bdh_fast/logger.py) over the backends.
+Observers: Probes (probes.py, the neuron statistics for BDH only), GPUSampler (system.py), Profiler
+and MemorySnapshot (profiling.py). The settings are RunConfig's telemetry fields, by the names of
+the command-line flags (`python -m bdh_fast.train --help`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Callable
+
+import torch
+from torch.profiler import record_function
+
+from bdh_fast import distributed, ops
+from bdh_fast import evaluate as evaluation
+from bdh_fast.config import RunConfig
+from bdh_fast.errors import warn_part_off
+from bdh_fast.logger import Logger
+from bdh_fast.telemetry.backends import parse_backends
+from bdh_fast.telemetry.buffer import StepBuffer
+from bdh_fast.telemetry.grads import GradNorms
+from bdh_fast.telemetry.metrics import Console, MetricsProcessor
+from bdh_fast.telemetry.probes import Probes
+from bdh_fast.telemetry.profiling import MemorySnapshot, Profiler
+from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
+from bdh_fast.telemetry.throughput import peak_tflops
+from bdh_fast.telemetry.timer import StepTimer
+
+# A plain loop brings no evaluation batches, prompts or compiled model: those parts start off.
+LIBRARY_DEFAULTS = dict(compile=False, progress=False, eval_freq=0, generate_freq=0, probe_freq=0)
+# How long a checkpoint waits for the backends to write what precedes it.
+LOG_FLUSH_TIMEOUT_S = 120.0
+
+
+class Telemetry:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        run_config: RunConfig | None = None,
+        *,
+        log_dir: str | os.PathLike,
+        tokens_per_step: int | None = None,
+        flops_per_token: float | None = None,
+        dtype: str = "float32",
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        hparams: dict | None = None,
+        resumed_from: int | None = None,
+        eval_model: torch.nn.Module | None = None,
+        eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+        probe_batch: torch.Tensor | None = None,
+        dist: distributed.DistInfo = distributed.DistInfo(),
+        stop_requested: Callable[[], bool] = lambda: False,
+        checkpoint_path: str | os.PathLike | None = None,
+        **flags,
+    ):
+        """model: the uncompiled module (gradients, probes, samples). optimizer: its first group's
+        LR is logged; groups with a "name" get a norm each. run_config, then `flags` (RunConfig
+        field names: max_iters, log_freq, log_train_freq, log_backend, grad_clip, on_nonfinite,
+        probe_freq, ...): the settings. log_dir: the run's directory. tokens_per_step (all ranks'):
+        tokens/s; with flops_per_token: MFU. dtype: the autocast dtype; "float16" means
+        after_backward gets the GradScaler. hparams: the configuration the backends show.
+        resumed_from: the checkpoint's step, when resuming. eval_model (default: model) is what
+        evaluate() calls on eval_batches {"val": [(x, y), ...], "train": [...]}. probe_batch: the
+        fixed (B, T) batch of BDH's neuron statistics. dist, stop_requested: under torchrun, the
+        ranks share stop requests at a flush. checkpoint_path: named when a non-finite step stops
+        the run."""
+        config = dataclasses.replace(RunConfig(**LIBRARY_DEFAULTS) if run_config is None else run_config, **flags)
+        self.config, self.model, self.optimizer, self.dist = config, model, optimizer, dist
+        self.device = next(model.parameters()).device
+        self.autocast, self.stop_requested = autocast, stop_requested
+        self.enabled = parse_backends(config.log_backend) != ["none"]
+        start_step = resumed_from or 0
+
+        # Device side. With --log_backend none nothing reads the norms: compute them only to clip.
+        self.grad_norms = None
+        if self.enabled or config.grad_clip > 0:
+            groups = {} if optimizer is None else _named_groups(model, optimizer)
+            self.grad_norms = GradNorms(list(model.named_parameters()), groups, self.device)
+        norm_names = self.grad_norms.names if self.grad_norms else []
+        self.scaler_columns = dtype == "float16"  # the GradScaler's scale, and whether it skipped the step
+        scaler_names = ["train/grad_scale", "train/scaler_skipped"] if self.scaler_columns else []
+        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names], config.log_train_freq,
+                                 self.device)
+        self.timer = StepTimer(self.device)
+        # Is a non-finite step's update left out? Always under fp16 (the GradScaler skips it, NaN
+        # gradients included); otherwise as on_nonfinite says.
+        self.skip_nonfinite = self.scaler_columns or config.on_nonfinite in ("stop", "skip")
+
+        # Host side: only rank 0 writes backends and the console.
+        self.logger = Logger(config.log_backend if dist.is_main else "none", config.wandb_project, hparams or {},
+                             log_dir, run_name=config.run_name,
+                             resume_step=None if resumed_from is None else resumed_from + 1,
+                             wandb_entity=config.wandb_entity, wandb_mode=config.wandb_mode,
+                             log_checkpoints=config.wandb_log_checkpoints, hist_bins=config.hist_bins)
+        self.console = Console(dist.is_main, config.progress, config.max_iters, start_step)
+        self.measured_from = start_step + 1  # the first step of a compiled run includes compilation
+        self.metrics = MetricsProcessor(
+            self.logger, self.console, max_iters=config.max_iters, log_freq=config.log_freq,
+            tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+            peak_tflops=peak_tflops(self.device, dtype, config.peak_tflops), world_size=dist.world_size,
+            timed_from=self.measured_from + 1 if config.compile else start_step,
+            on_nonfinite=config.on_nonfinite, skip_nonfinite=self.skip_nonfinite, checkpoint_path=checkpoint_path)
+
+        # Observers.
+        cuda = self.device.type == "cuda"
+        self.gpu = GPUSampler(config.nvml_interval if cuda and self.enabled else 0.0,
+                              device_indices=[self.device.index] if cuda else None).start()
+        self.eval_model = model if eval_model is None else eval_model
+        self.eval_batches = (eval_batches or {}) if config.eval_freq else {}
+        log_dir = pathlib.Path(log_dir)
+        self.profiler = Profiler(log_dir, self.device, enabled=config.profile, wait=config.profile_wait,
+                                 warmup=config.profile_warmup, active=config.profile_active,
+                                 repeat=config.profile_repeat)
+        self.memory_snapshot = MemorySnapshot(log_dir, self.device, config.memory_snapshot, print)
+        self.probes = None
+        if config.probe_freq and self.enabled and dist.is_main:
+            self.probes = Probes(model, probe_batch, config.hist_bins, autocast)
+            if cuda:
+                # Decide now whether Triton serves the probes' statistics (one self-check per dtype, a
+                # sync at start-up), not at the first probe step; a failing kernel means the reference.
+                ops.check_cuda_kernels(self.device, tuple({torch.float32, getattr(torch, dtype)}), config.hist_bins)
+
+        self.current_step = start_step  # the last step recorded
+        self.compile_s: float | None = None
+        self.stop_agreed = False  # under torchrun: every rank has seen a stop request (set at a flush)
+        self.collectives_ok = True  # False once a peer rank may be gone (interrupt under torchrun)
+        self.log_flush_timeout = LOG_FLUSH_TIMEOUT_S
+        self._step_in_progress: int | None = None  # the step between step_start and step_end
+        self._step_open = False  # a step was recorded and the profiler has not yet been told it ended
+        self._pending: list[torch.Tensor] = []  # after_backward's values, recorded by step_end
+        self._lr: float | None = None
+        self._first_step_t0 = time.perf_counter()
+        self.timer.start()  # without step_start, a plain loop's first step is timed from here
+
+    # --- the step: nothing here reads a tensor on the host ----------------------------------------
+
+    def step_start(self, step: int) -> None:
+        """A step begins: it is timed from here, and the previous one ends for the profiler."""
+        self._end_open_step()
+        self._step_in_progress = step
+        if step == self.measured_from:
+            self._first_step_t0 = time.perf_counter()
+        self.timer.start()
+
+    def after_backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
+        """After backward (and GradScaler.unscale_), before the optimizer step: the gradient norms,
+        reduced on the device and reused to clip (--grad_clip) in place; on a probe step the
+        gradient statistics; the step's learning rate.
+
+        Returns the flag a fused torch.optim optimizer skips a non-finite update on, on the device
+        (`optimizer.found_inf = flag`), or None when the update is not ours to skip (on_nonfinite
+        warn, or a GradScaler, which skips by itself)."""
+        step = self._step_in_progress or self.current_step + 1
+        if self._probe_due(step):
+            with record_function("telemetry/probe"):
+                try:
+                    self.probes.before_update()  # gradient histograms + weights copy, on the device
+                except Exception as e:
+                    self.probes_failed(e, step)
+        with record_function("telemetry/grad_norms"):
+            loss = loss.detach().float().view(1)
+            extra: list[torch.Tensor] = []
+            found_inf = None
+            if self.grad_norms is not None:
+                norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
+                grads_finite = torch.isfinite(norms[:1])  # (1,)
+            else:
+                norms, grads_finite = loss[:0], torch.ones_like(loss, dtype=torch.bool)
+            if self.scaler_columns:
+                # A non-finite gradient under fp16 is the scaler's search for a scale: it skips that
+                # update and lowers the scale itself. Only a non-finite loss is a real divergence.
+                nonfinite = ~torch.isfinite(loss)
+                extra = [scaler._scale.view(1).clone(), (~grads_finite).float()]  # the scale used; skipped?
+            else:
+                nonfinite = ~(torch.isfinite(loss) & grads_finite)  # (1,)
+                if self.skip_nonfinite:
+                    found_inf = nonfinite.float().squeeze()
+        self._pending = [loss, norms, nonfinite.float(), *extra]
+        self._lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
+        return found_inf
+
+    def step_end(self, step: int) -> None:
+        """The step's update is done: its values go into the device buffer."""
+        with record_function("telemetry/record"):
+            self.buffer.record(step, torch.cat(self._pending), {} if self._lr is None else {"train/lr": self._lr})
+        self.timer.stop()
+        self.current_step, self._step_in_progress, self._step_open = step, None, True
+
+    def due(self, step: int) -> list[str]:
+        """The sync points that fall on `step`, by method name, in the order they run."""
+        config, last = self.config, step == self.config.max_iters
+        due = []
+        if (len(self.buffer) == config.log_train_freq or step % config.log_freq == 0 or last
+                or (config.compile and step == self.measured_from)):  # the compile step is timed apart
+            due.append("flush")
+        if self._probe_due(step):
+            due.append("probe")
+        if self.eval_batches and (step % config.eval_freq == 0 or last):
+            due.append("evaluate")
+        if config.generate_freq and (step % config.generate_freq == 0 or last):
+            due.append("log_samples")
+        return due
+
+    def step(self, step: int) -> None:
+        """What a plain loop calls after its optimizer step: step_end, then every sync point due.
+        Without step_start the next step is timed from here, the loop's own work included."""
+        self.step_end(step)
+        for sync_point in self.due(step):
+            getattr(self, sync_point)()
+        self._end_open_step()
+        self.timer.start()
+
+    def _probe_due(self, step: int) -> bool:
+        return self.probes is not None and (step % self.config.probe_freq == 0 or step == self.config.max_iters)
+
+    def _end_open_step(self) -> None:
+        """The last recorded step is over, its sync points included: the profiler's step boundary."""
+        if self._step_open:
+            self._step_open = False
+            self.memory_snapshot.step()
+            self.profiler.step()
+
+    # --- the sync points ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        with record_function("telemetry/flush"):
+            self._flush()
+        if self.compile_s is None and self.config.compile and self.current_step >= self.measured_from:
+            self.compile_s = time.perf_counter() - self._first_step_t0
+            self.console(f"compile: {self.compile_s:.1f} s (first step, compilation included)")
+
+    def _flush(self) -> None:
+        # SYNC POINT: one copy + one wait per window; under torchrun first ONE all_reduce of the whole
+        # window packed with each rank's stop request and GPU stats (skipped once a peer may be gone:
+        # then rank 0 logs its own).
+        cuda = self.device.type == "cuda"
+        gpus = self.gpu.window_means() if self.enabled else {}
+        exchange = None
+        if self.dist.enabled and self.collectives_ok and len(self.buffer):
+            exchange = distributed.FlushExchange(self.dist, self.stop_requested(), gpus if cuda else None)
+        rows = self.buffer.flush(exchange)
+        if not rows:
+            return
+        if exchange is not None:
+            self.stop_agreed |= exchange.stop_requested  # the same answer on every rank
+            if cuda:
+                gpus = exchange.gpu_means
+        window = {**gpus, **cuda_memory_stats(self.device)} if self.enabled else {}
+        self.metrics.process(rows, self.timer.read_ms(), window)
+
+    @record_function("telemetry/probe")
+    def probe(self) -> None:
+        try:
+            metrics, histograms = self.probes.collect()  # SYNC POINT (probe), one read
+        except Exception as e:
+            self.probes_failed(e, self.current_step)
+            return
+        self.logger.log_metrics(metrics, self.current_step)
+        for name, histogram in histograms.items():
+            self.logger.log_histogram(name, histogram, self.current_step)
+
+    def probes_failed(self, error: Exception, step: int) -> None:
+        """A probe or histogram raised: one warning, probes off, training and its metrics go on."""
+        self.probes = None
+        warn_part_off(f"model probes at step {step}", error, "probes are off for the rest of the run")
+
+    @record_function("eval")
+    def evaluate(self) -> dict[str, float]:
+        reduce = lambda totals: distributed.sum_(totals, self.dist)  # noqa: E731  (each rank did its share)
+        val, train = (evaluation.evaluate(self.eval_model, self.eval_batches[split], autocast=self.autocast,
+                                          reduce=reduce) for split in ("val", "train"))
+        metrics = {"val/loss": val["loss"], "val/perplexity": val["perplexity"],
+                   "val/accuracy": val["accuracy"], "train/loss_eval": train["loss"]}
+        self.logger.log_metrics(metrics, self.current_step)
+        self.console(f"eval: step {self.current_step} val loss {val['loss']:.4f} perplexity "
+                     f"{val['perplexity']:.3f} accuracy {val['accuracy']:.3f} (train loss {train['loss']:.4f})")
+        return metrics
+
+    @record_function("sample")
+    def log_samples(self) -> list[str]:
+        config, step = self.config, self.current_step
+        if not self.dist.is_main:
+            return []
+        texts = evaluation.generate_samples(self.model, config.prompts, max_tokens=config.sample_tokens,
+                                            temperature=config.temperature, top_k=config.top_k or None,
+                                            seed=config.seed + step, autocast=self.autocast)
+        rows = [[step, prompt, text] for prompt, text in zip(config.prompts, texts)]
+        self.logger.log_table("samples", ["step", "prompt", "sample"], rows, step)
+        return texts
+
+    # --- around checkpoints, and the end ----------------------------------------------------------
+
+    @property
+    def weights_suspect(self) -> bool:
+        """A non-finite update was applied (on_nonfinite warn): no checkpoint should keep it."""
+        return self.metrics.weights_suspect
+
+    def make_durable(self) -> None:
+        """Before a checkpoint at this step: every record up to it durably written by every
+        backend (DESIGN.md invariant 8). A stalled backend delays only the first checkpoint."""
+        if not self.logger.flush(timeout=self.log_flush_timeout):
+            self.console(f"warning: the logging backends did not finish writing step {self.current_step} within "
+                         f"{self.log_flush_timeout:.0f} s; saving the checkpoint anyway (a resume may miss "
+                         "some of their records)")
+            self.log_flush_timeout = 5.0
+
+    def checkpoint_saved(self, path: str | os.PathLike) -> None:
+        if self.config.wandb_log_checkpoints:
+            self.logger.log_artifact(str(path), f"{self.config.run_name}-ckpt", "model")
+
+    def close(self) -> None:
+        """Every exit path: the last step ends, what is buffered is flushed, every part closes."""
+        self._end_open_step()
+        with contextlib.suppress(Exception):
+            self.flush()  # empty after a non-finite stop: that flush already logged its window
+        self.console.close()
+        self.profiler.close()
+        self.gpu.close()
+        self.logger.finish()
+
+
+def _named_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list[str]]:
+    """{group name: its parameters' names} for the optimizer's groups that carry a "name"."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: [names[id(p)] for p in g["params"]] for g in optimizer.param_groups if "name" in g}

@@ -41,7 +41,10 @@ def train_cmd(*args: str) -> list[str]:
 
 def env() -> dict[str, str]:
     wandb_home = pathlib.Path(os.environ.get("PYTEST_WANDB_HOME", "/tmp/bdh-preempt-wandb"))
-    return {**os.environ, "OMP_NUM_THREADS": "1",  # the same math in every process
+    # Each trainer starts its own wandb-core, as a job launched from a shell does: not pytest's, which an
+    # in-process W&B test leaves in WANDB_SERVICE (that case is tested in test_backends.py).
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**inherited, "OMP_NUM_THREADS": "1",  # the same math in every process
             "WANDB_SILENT": "true", "WANDB_INIT_TIMEOUT": "600",  # a loaded 2-core CI machine is slow
             "WANDB_CACHE_DIR": str(wandb_home / "cache"),
             "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}

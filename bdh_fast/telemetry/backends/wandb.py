@@ -29,6 +29,24 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
+def _init_run(wandb, **kwargs):
+    """wandb.init, which also works when a wandb-core service inherited from a parent process
+    (WANDB_SERVICE: a launcher script, a sweep agent, a test runner that used wandb itself) still holds
+    this run's stream for a process that was killed (kill -9, the OOM killer) and is being resumed: that
+    service answers "run ID ... is in use" forever, so this process starts a service of its own."""
+    try:
+        return wandb.init(**kwargs)
+    except Exception as e:
+        if "is in use" not in str(e) or not os.environ.get("WANDB_SERVICE"):
+            raise
+        print(f"wandb: run {kwargs.get('id')} is still held in the shared wandb-core service (WANDB_SERVICE) "
+              f"by an earlier process; logging through a service of this process's own", file=sys.stderr,
+              flush=True)
+        wandb.teardown()  # closes the connection; a service this process does not own keeps running
+        os.environ.pop("WANDB_SERVICE", None)
+        return wandb.init(**kwargs)
+
+
 class WandbBackend(Backend):
     """A W&B run. Every metric is plotted against the custom `step` metric rather than wandb's own
     `_step`: after a resume wandb ignores `step=` values below its last `_step`, which would drop the
@@ -85,8 +103,8 @@ class WandbBackend(Backend):
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             # durable: a resume after a power loss must find the id, or it starts a second W&B run
             atomic_write_bytes(pathlib.Path(id_path), lambda tmp: tmp.write_text(run_id + "\n"))
-        self.run = wandb.init(
-            project=project, entity=entity, name=run_name, config=config, dir=run_dir, mode=mode,
+        self.run = _init_run(
+            wandb, project=project, entity=entity, name=run_name, config=config, dir=run_dir, mode=mode,
             id=run_id, resume="allow" if resume else None, reinit="create_new", save_code=False,
         )
         self.run.define_metric(self.STEP)

@@ -120,6 +120,8 @@ class RunConfig:
     # The step buffer holds log_train_freq rows on the device: the bound keeps it a few MB.
     log_train_freq: int = _f(10, "steps buffered on the device between flushes to the host", allowed=Range(1, 100_000))
     log_backend: str = _f("tensorboard,jsonl", "comma list of tensorboard, wandb, jsonl, or none")
+    log_writer: str = _f("process", "where the backends run: a writer process (never holds the training "
+                         "thread's interpreter lock) or a thread of the training process", choices=("process", "thread"))
     wandb_project: str = _f("bdh-training", "W&B project (at most 128 characters, none of / \\ # ? %% :)")
     wandb_entity: str | None = _f(None, "W&B entity (team or user)")
     wandb_mode: str = _f("auto", "W&B mode (auto: online with an API key, else offline)", choices=("auto", "online", "offline", "disabled"))

@@ -32,7 +32,7 @@ from bdh_fast.errors import UserError
 from bdh_fast.evaluate import generate_samples
 from bdh_fast.flags import announce, pick_device, pick_dtype, resolve_config
 from bdh_fast.model import BDH
-from bdh_fast.optim import apply_update, lr_lambda, make_optimizer
+from bdh_fast.optim import PARAM_GROUPS, apply_update, load_optimizer_state, lr_lambda, make_optimizer
 from bdh_fast.stop import StopRequest
 from bdh_fast.telemetry import Telemetry
 from bdh_fast.telemetry.backends import parse_backends
@@ -100,14 +100,14 @@ class Trainer:
             eval_model=self.train_model, probe_batch=fixed("val", 1)[0][0] if config.probe_freq else None,
             eval_batches={split: fixed(split, config.eval_iters)[self.dist.rank::self.dist.world_size]
                           for split in ("val", "train")} if config.eval_freq else None,
-            dist=self.dist, stop_requested=lambda: self.stop.requested, checkpoint_path=self.ckpt_path)
+            dist=self.dist, stop_requested=lambda: self.stop.requested, checkpoint_path=self.ckpt_path,
+            norm_groups=PARAM_GROUPS)
         self.step = self.start_step
         self.saved_step: int | None = None
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(self.optimizer, self.scheduler, state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]

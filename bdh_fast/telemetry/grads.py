@@ -19,7 +19,9 @@ class GradNorms:
     """Norms of the gradients of `named_params`, grouped as `groups` (group name -> param names).
 
     `compute()` returns one float32 vector on `device`, laid out as `self.names`:
-    [global, one per parameter..., one per group...].
+    [global, one per parameter..., one per group...]. `step_row()` is what the training step uses:
+    the same norms and the step's other values in one vector, with every launch after the fused norm
+    pass folded into one function (compiled when `compile`: one or two kernels).
     """
 
     def __init__(
@@ -27,39 +29,90 @@ class GradNorms:
         named_params: list[tuple[str, torch.nn.Parameter]],
         groups: dict[str, list[str]],
         device: torch.device,
+        compile: bool = False,
     ):
         self.device = device
         self.params = [p for _, p in named_params]
         param_names = [n for n, _ in named_params]
         index = {n: i for i, n in enumerate(param_names)}
-        # (n_groups, n_params) 0/1 matrix: group squared norms = membership @ squared param norms.
-        self.membership = torch.zeros(len(groups), len(param_names), device=device)
-        for g, members in enumerate(groups.values()):
-            for name in members:
-                self.membership[g, index[name]] = 1.0
         self.names = (
             ["train/grad_norm"]
             + [f"train/grad_norm/{n.removesuffix('.weight')}" for n in param_names]
             + [f"train/grad_norm/group_{g}" for g in groups]
         )
         self.buckets = _buckets(self.params)
-        self.order = torch.tensor([i for b in self.buckets for i in b], device=device)
+        bucket_order = [i for b in self.buckets for i in b]
+        position = {param: pos for pos, param in enumerate(bucket_order)}
+        self._order = tuple(position[i] for i in range(len(self.params)))  # param -> its norm's position
+        self._groups = tuple(tuple(index[name] for name in members) for members in groups.values())
+        self._one_device = len({p.device for p in self.params}) <= 1
+        self.compile = compile  # the row function, built at its first call
+        self._row_fns: dict[tuple, object] = {}
 
     def compute(self, max_norm: float = 0.0) -> torch.Tensor:
         """Norms of the current gradients (params without a gradient count as zero); with
         max_norm > 0 the gradients are then scaled in place so the global norm is <= max_norm."""
-        stacked = _norms_in_bucket_order(self.params, self.buckets, self.device)  # (n_params,)
-        per_param = torch.empty_like(stacked).index_copy_(0, self.order, stacked)
-        squared = per_param.square()
-        total = squared.sum().sqrt()
-        per_group = (self.membership @ squared).sqrt()
-        if max_norm > 0:
-            coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+        loss = torch.zeros((), device=self.device)
+        row, _ = self.step_row(loss, max_norm)
+        return row[1:len(self.names) + 1]
+
+    def step_row(self, loss: torch.Tensor, max_norm: float = 0.0, scale: torch.Tensor | None = None,
+                 skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One float32 vector on the device, [loss, *norms (as `names`), nonfinite] and, given the
+        GradScaler's `scale` (float16), [scale, scaler_skipped]; and the flag a fused optimizer skips
+        a non-finite update on (`skip_nonfinite`, no scaler), else None. Clips in place when
+        max_norm > 0. Launches: one fused norm pass per (device, dtype), one function for the rest,
+        one foreach multiply per bucket when clipping. Never syncs."""
+        norms = _norms_in_bucket_order(self.params, self.buckets)
+        if not self._one_device:
+            norms = [n.to(self.device) for n in norms]
+        key = (max_norm, scale is not None, skip_nonfinite)
+        fn = self._row_fns.get(key)
+        if fn is None:
+            fn = self._row_fns[key] = _row_function(self._order, self._groups, self.device, *key, self.compile)
+        row, found_inf, coef = fn(loss.detach(), norms, scale)
+        if coef is not None:
             for bucket in self.buckets:
                 grads = [self.params[i].grad for i in bucket if self.params[i].grad is not None]
                 if grads:
                     torch._foreach_mul_(grads, coef.to(grads[0].device))
-        return torch.cat([total.view(1), per_param, per_group])
+        return row, found_inf
+
+
+def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], device: torch.device,
+                  max_norm: float, scaled: bool, skip_nonfinite: bool, compile: bool):
+    """The math after the norm pass, as one function of (loss, norms in bucket order, scale): the
+    per-parameter, global and group norms, the non-finite flags, the clip coefficient and the row.
+    The layout is fixed here, so that compiled it is one graph whose guards never change."""
+    index = torch.tensor(order, dtype=torch.long, device=device)  # param -> its norm in bucket order
+    # (n_groups, n_params) 0/1 matrix: group squared norms = membership @ squared param norms.
+    membership = torch.zeros(len(groups), len(order), device=device)
+    for g, members in enumerate(groups):
+        membership[g, list(members)] = 1.0
+
+    def row(loss: torch.Tensor, norms: list[torch.Tensor], scale: torch.Tensor | None):
+        loss = loss.float().reshape(1)
+        if order:
+            per_param = torch.stack(norms).float()[index]  # (n_params,)
+            squared = per_param.square()
+            total = squared.sum().sqrt()
+            columns = [total.reshape(1), per_param, (membership @ squared).sqrt()]
+            grads_finite = torch.isfinite(total).reshape(1)
+        else:
+            total, columns, grads_finite = None, [], torch.ones_like(loss, dtype=torch.bool)
+        if scaled:
+            # A non-finite gradient under fp16 is the scaler's search for a scale: it skips that update
+            # and lowers the scale itself. Only a non-finite loss is a real divergence.
+            nonfinite = (~torch.isfinite(loss)).float()
+            extra = [scale.float().reshape(1), (~grads_finite).float()]  # the scale used; skipped?
+        else:
+            nonfinite = (~(torch.isfinite(loss) & grads_finite)).float()
+            extra = []
+        found_inf = nonfinite.squeeze() if skip_nonfinite and not scaled else None
+        coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0) if max_norm > 0 and total is not None else None
+        return torch.cat([loss, *columns, nonfinite, *extra]), found_inf, coef
+
+    return torch.compile(row, fullgraph=True, dynamic=False) if compile else row
 
 
 def get_grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -68,8 +121,9 @@ def get_grad_norm(model: torch.nn.Module) -> torch.Tensor:
     never read: no host sync (read it at a sync point of your own, or log it through a buffer).
     Parameters without a gradient count as zero."""
     params = list(model.parameters())
-    norms = _norms_in_bucket_order(params, _buckets(params), params[0].device)  # (n_params,)
-    return norms.square().sum().sqrt()
+    device = params[0].device
+    norms = [n.to(device, torch.float32) for n in _norms_in_bucket_order(params, _buckets(params))]
+    return torch.stack(norms).square().sum().sqrt()
 
 
 def _buckets(params: list[torch.Tensor]) -> list[list[int]]:
@@ -80,12 +134,11 @@ def _buckets(params: list[torch.Tensor]) -> list[list[int]]:
     return list(buckets.values())
 
 
-def _norms_in_bucket_order(params: list[torch.Tensor], buckets: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Every parameter's gradient norm, float32 on `device`, ordered bucket by bucket."""
-    per_bucket = []
+def _norms_in_bucket_order(params: list[torch.Tensor], buckets: list[list[int]]) -> list[torch.Tensor]:
+    """Every parameter's gradient norm (0-dim, on its device, in its dtype), bucket by bucket."""
+    norms: list[torch.Tensor] = []
     for bucket in buckets:
         grads = [params[i].grad if params[i].grad is not None else torch.zeros((), device=params[i].device)
                  for i in bucket]
-        norms = torch._foreach_norm(grads)  # one fused pass per (device, dtype)
-        per_bucket.append(torch.stack(norms).to(device, torch.float32))
-    return torch.cat(per_bucket)
+        norms.extend(torch._foreach_norm(grads))  # one fused pass per (device, dtype)
+    return norms

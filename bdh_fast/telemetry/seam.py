@@ -73,6 +73,7 @@ class Telemetry:
         dist: distributed.DistInfo = distributed.DistInfo(),
         stop_requested: Callable[[], bool] = lambda: False,
         checkpoint_path: str | os.PathLike | None = None,
+        norm_groups: dict[str, list[str]] | None = None,
         **flags,
     ):
         """model: the uncompiled module (gradients, probes, samples). optimizer: its first group's
@@ -85,7 +86,8 @@ class Telemetry:
         evaluate() calls on eval_batches {"val": [(x, y), ...], "train": [...]}. probe_batch: the
         fixed (B, T) batch of BDH's neuron statistics. dist, stop_requested: under torchrun, the
         ranks share stop requests at a flush. checkpoint_path: named when a non-finite step stops
-        the run."""
+        the run. norm_groups: {name: parameter names}, each logged as train/grad_norm/group_<name>
+        (default: the optimizer's groups that carry a "name")."""
         config = dataclasses.replace(RunConfig(**LIBRARY_DEFAULTS) if run_config is None else run_config, **flags)
         self.config, self.model, self.optimizer, self.dist = config, model, optimizer, dist
         self.device = next(model.parameters()).device
@@ -94,11 +96,15 @@ class Telemetry:
         start_step = resumed_from or 0
 
         # Device side. With --log_backend none nothing reads the norms: compute them only to clip.
-        self.grad_norms = None
-        if self.enabled or config.grad_clip > 0:
-            groups = {} if optimizer is None else _named_groups(model, optimizer)
-            self.grad_norms = GradNorms(list(model.named_parameters()), groups, self.device)
-        norm_names = self.grad_norms.names if self.grad_norms else []
+        # After the fused norm pass, one function makes the step's row.
+        named = list(model.named_parameters()) if self.enabled or config.grad_clip > 0 else []
+        if norm_groups is None:
+            norm_groups = {} if optimizer is None else _named_groups(model, optimizer)
+        # Compiled on CUDA only, where launches bound small steps: on a CPU the eager ops cost ~0.2 ms a
+        # step and compiling them 10-30 s at start-up.
+        self.grad_norms = GradNorms(named, norm_groups if named else {}, self.device,
+                                    compile=config.compile and self.device.type == "cuda")
+        norm_names = self.grad_norms.names if named else []
         self.scaler_columns = dtype == "float16"  # the GradScaler's scale, and whether it skipped the step
         scaler_names = ["train/grad_scale", "train/scaler_skipped"] if self.scaler_columns else []
         self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names], config.log_train_freq,
@@ -113,7 +119,8 @@ class Telemetry:
                              log_dir, run_name=config.run_name,
                              resume_step=None if resumed_from is None else resumed_from + 1,
                              wandb_entity=config.wandb_entity, wandb_mode=config.wandb_mode,
-                             log_checkpoints=config.wandb_log_checkpoints, hist_bins=config.hist_bins)
+                             log_checkpoints=config.wandb_log_checkpoints, hist_bins=config.hist_bins,
+                             writer=config.log_writer)
         self.console = Console(dist.is_main, config.progress, config.max_iters, start_step)
         self.measured_from = start_step + 1  # the first step of a compiled run includes compilation
         self.metrics = MetricsProcessor(
@@ -149,7 +156,7 @@ class Telemetry:
         self.log_flush_timeout = LOG_FLUSH_TIMEOUT_S
         self._step_in_progress: int | None = None  # the step between step_start and step_end
         self._step_open = False  # a step was recorded and the profiler has not yet been told it ended
-        self._pending: list[torch.Tensor] = []  # after_backward's values, recorded by step_end
+        self._pending: torch.Tensor | None = None  # after_backward's row, recorded by step_end
         self._lr: float | None = None
         self._first_step_t0 = time.perf_counter()
         self.timer.start()  # without step_start, a plain loop's first step is timed from here
@@ -180,31 +187,16 @@ class Telemetry:
                 except Exception as e:
                     self.probes_failed(e, step)
         with record_function("telemetry/grad_norms"):
-            loss = loss.detach().float().view(1)
-            extra: list[torch.Tensor] = []
-            found_inf = None
-            if self.grad_norms is not None:
-                norms = self.grad_norms.compute(self.config.grad_clip)  # (1 + params + groups,)
-                grads_finite = torch.isfinite(norms[:1])  # (1,)
-            else:
-                norms, grads_finite = loss[:0], torch.ones_like(loss, dtype=torch.bool)
-            if self.scaler_columns:
-                # A non-finite gradient under fp16 is the scaler's search for a scale: it skips that
-                # update and lowers the scale itself. Only a non-finite loss is a real divergence.
-                nonfinite = ~torch.isfinite(loss)
-                extra = [scaler._scale.view(1).clone(), (~grads_finite).float()]  # the scale used; skipped?
-            else:
-                nonfinite = ~(torch.isfinite(loss) & grads_finite)  # (1,)
-                if self.skip_nonfinite:
-                    found_inf = nonfinite.float().squeeze()
-        self._pending = [loss, norms, nonfinite.float(), *extra]
+            scale = scaler._scale if self.scaler_columns else None  # the scale this step's loss used
+            row, found_inf = self.grad_norms.step_row(loss, self.config.grad_clip, scale, self.skip_nonfinite)
+        self._pending = row
         self._lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         return found_inf
 
     def step_end(self, step: int) -> None:
         """The step's update is done: its values go into the device buffer."""
         with record_function("telemetry/record"):
-            self.buffer.record(step, torch.cat(self._pending), {} if self._lr is None else {"train/lr": self._lr})
+            self.buffer.record(step, self._pending, {} if self._lr is None else {"train/lr": self._lr})
         self.timer.stop()
         self.current_step, self._step_in_progress, self._step_open = step, None, True
 

@@ -142,3 +142,17 @@ def test_the_writer_process_dies_with_a_killed_training_process(tmp_path):
     while alive(writer_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(writer_pid)
+
+
+def test_a_logger_made_in_a_thread_outlives_the_thread(tmp_path):
+    import threading
+
+    made = []
+    thread = threading.Thread(target=lambda: made.append(Logger("jsonl", log_dir=tmp_path)))
+    thread.start()
+    thread.join()
+    time.sleep(1.0)  # several of the writer process's parent checks
+    logger = made[0]
+    logger.log_metrics({"train/loss": 1.0}, 1)
+    assert logger.flush(timeout=60) and read_steps(tmp_path) == [1]
+    assert logger.finish() and logger.failed == []

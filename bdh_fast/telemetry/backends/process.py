@@ -12,8 +12,8 @@ returns once every backend has synced what was logged before it (durable before 
 `finish()` closes every backend, with a timeout. The writer process's output (warnings, W&B's lines)
 comes back to the training process's stderr.
 
-It dies with the training process (PR_SET_PDEATHSIG on Linux, else at the end of its stdin): after
-a kill -9 no second writer goes on writing the run's files while the run is resumed. It ignores
+It dies with the training process (a thread watches the parent's pid): after a kill -9 no second
+writer goes on writing the run's files while the run is resumed. It ignores
 SIGINT and SIGTERM, which a terminal or a scheduler sends to the whole process group: the training
 process decides when logging ends, and finishes it.
 """
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from bdh_fast.errors import UserError
@@ -150,14 +151,22 @@ def _forward(stream) -> None:
 # --- the writer process --------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
+PARENT_POLL_S = 0.2
 
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass  # then the end of stdin ends it
+
+def _die_with_parent() -> None:
+    """Exit as soon as the training process is gone, even while a backend call is blocked: a thread
+    polls the parent's pid. (Not PR_SET_PDEATHSIG, which fires when the *thread* that started this
+    process ends; nor the end of stdin alone, which never comes while a forked child of the training
+    process, a data loader worker, holds the pipe.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="bdh-writer-parent-watch", daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 

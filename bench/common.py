@@ -1,14 +1,17 @@
-"""What every benchmark shares: interleaved timing, medians, tables, machine info, result files, and
-the training step with no telemetry at all.
+"""The bench harness: what every benchmark shares. Interleaved A/B timing and paired ratios,
+verdicts against the one table of targets (bench/targets.py), tables, machine info, the JSON line,
+dated result files, the shared flags, and the training step with no telemetry at all.
 
 STYLE.md habit 10, honest benchmarks: warm up first; synchronise around every timer; run the
 variants interleaved (A, B, C, A, B, C, ...) so drift and noisy neighbours hit all of them alike;
-report medians and ratios; end stdout with one machine-readable JSON line; file results with the
-hardware and the date.
+report medians, ratios and the paired per-round range (the noise); call a figure whose noise is
+wider than its target "unresolved"; end stdout with one machine-readable JSON line; file results
+with the hardware and the date.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import gc
@@ -23,18 +26,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from bdh_fast.config import RunConfig, resolve
-from bdh_fast.data import DEFAULT_CORPUS, ByteDataset
+from records import clean, emit as emit_json  # noqa: F401  (emit_json: the last stdout line)
+from targets import judge  # noqa: F401  (the verdicts: the scripts import the whole harness from here)
+
+from bdh_fast.config import PRESETS, RunConfig, resolve
+from bdh_fast.data import DEFAULT_CORPUS, ByteDataset, resolve_data_path
 from bdh_fast.model import BDH
 from bdh_fast.optim import apply_update, lr_lambda, make_optimizer
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 CORPUS = DEFAULT_CORPUS  # tiny Shakespeare as the package ships it
-RANDOM_CORPUS_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +105,21 @@ def mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
+def paired_pct(variant: list[float], baseline: list[float]) -> list[float]:
+    """Per-round overhead in %: each variant sample against the baseline sample of the same round."""
+    return [(a / b - 1) * 100 for a, b in zip(variant, baseline)]
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> list[float]:
+    """Per-round speedup: each `slow` sample over the `fast` sample of the same round."""
+    return [a / b for a, b in zip(slow, fast)]
+
+
+def span(values: list[float]) -> list[float]:
+    """[min, max]: the paired range."""
+    return [min(values), max(values)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +153,13 @@ def ratio_table(
     columns = ["variant", "median ms/step", "mean ms/step", "min-max ms/step", "tokens/s",
                f"time vs {baseline}", *extra_columns]
     return markdown_table(columns, rows)
+
+
+def verdicts_table(verdicts: list[dict]) -> str:
+    """One row per judged figure (targets.judge entries)."""
+    return markdown_table(["claim", "figure", "target", "verdict", "note"],
+                          [[v["claim"], v["figure"], v["target_text"], v["verdict"], v["note"] or "-"]
+                           for v in verdicts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,41 +222,79 @@ def machine_slug(info: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "unknown"
 
 
-def emit_json(obj: dict[str, Any]) -> None:
-    """The LAST line of stdout: one JSON object. Non-finite floats become null (valid JSON)."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float):
-            return value if np.isfinite(value) else None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    sys.stdout.flush()
-    print(json.dumps(clean(obj), allow_nan=False), flush=True)
+def free_stem(out_dir: Path, stem: str) -> Path:
+    """out_dir/stem, or stem-2, stem-3, ... when a .md or .json of that name is there already."""
+    suffix, n = "", 1
+    while (out_dir / f"{stem}{suffix}.md").exists() or (out_dir / f"{stem}{suffix}.json").exists():
+        n += 1
+        suffix = f"-{n}"
+    return out_dir / f"{stem}{suffix}"
 
 
 def save_result(name: str, text: str, record: dict[str, Any] | None = None) -> list[Path]:
     """Write bench/results/<YYYY-MM-DD>-<machine-slug>-<name>.md (and .json with `record`); a
     second result of the same day and machine gets -2, -3, ... instead of overwriting."""
     info = (record or {}).get("machine") or machine_info()
-    stem = f"{info['date'][:10]}-{machine_slug(info)}-{name}"  # the UTC date of the measurement
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    suffix, n = "", 1
-    while (RESULTS_DIR / f"{stem}{suffix}.md").exists() or (RESULTS_DIR / f"{stem}{suffix}.json").exists():
-        n += 1
-        suffix = f"-{n}"
-    paths = [RESULTS_DIR / f"{stem}{suffix}.md"]
+    stem = free_stem(RESULTS_DIR, f"{info['date'][:10]}-{machine_slug(info)}-{name}")  # the measurement's UTC date
+    paths = [stem.with_name(stem.name + ".md")]
     paths[0].write_text(text.rstrip("\n") + "\n")
     if record is not None:
-        paths.append(RESULTS_DIR / f"{stem}{suffix}.json")
-        paths[1].write_text(json.dumps(record, indent=2, default=str) + "\n")
+        paths.append(stem.with_name(stem.name + ".json"))
+        paths[1].write_text(json.dumps(clean(record), indent=2, default=str) + "\n")
     return paths
 
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def finish(args: argparse.Namespace, name: str, title: str, body: str, notes: list[str], record: dict[str, Any],
+           info: dict[str, Any]) -> int:
+    """The end of every benchmark: the report (body, its verdicts, notes, machine) printed; with
+    --save filed as bench/results/<date>-<machine>-<name>.md|json; the JSON record as the last
+    stdout line. Exit status 0: the verdicts are in the record (bench/run_all.py gates on them)."""
+    verdicts = record.get("verdicts") or []
+    if args.quick:
+        notes = [*notes, "quick run: harness check only, no gate"]
+    parts = [body, "", verdicts_table(verdicts)] if verdicts else [body]
+    text = "\n".join([*parts, "", *(f"- {line}" for line in notes), f"- machine: {machine_line(info)}"])
+    print()
+    print(text)
+    if args.save:
+        for path in save_result(name, f"# {title}\n\n`{command_line()}`\n\n{text}", record):
+            print(f"saved {path}")
+    emit_json(record)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared flags
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_parser(doc: str, quick: str, *, preset: bool = True, dtype: bool = True, compile: bool = True,
+                 data: bool = True, device: tuple[str, ...] = ("auto", "cpu", "cuda")) -> argparse.ArgumentParser:
+    """An ArgumentParser with the flags every benchmark spells the same way: --quick (what it
+    shrinks to: `quick`), --save, --device, and as asked --preset, --dtype, --compile/--no-compile
+    (as `python -m bdh_fast.train` spells it) and --data."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"{quick}: checks the harness, no gate")
+    p.add_argument("--save", action="store_true", help="file the report and JSON under bench/results/")
+    p.add_argument("--device", choices=device, default=device[0])
+    if preset:
+        p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                       help="model and batch preset (default: small on CPU, reference on CUDA)")
+    if dtype:
+        p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="autocast dtype (auto: bfloat16 on CUDA when supported, else float32)")
+    if compile:
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="train the torch.compile'd model (--no-compile: eager)")
+    if data:
+        p.add_argument("--data", default=None, help="corpus file (default: the packaged tiny Shakespeare)")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,16 +311,14 @@ def bench_config(preset: str | None, device: str, **fields: Any) -> RunConfig:
     return resolve(explicit, cuda_available=torch.cuda.is_available())
 
 
-def corpus_file(kind: str, workdir: Path, seed: int = 1337) -> tuple[Path, str]:
-    """(path, description): the packaged tiny Shakespeare, or with `kind` "random" a file of seeded
-    random bytes. Every variant reads batches through bdh_fast.data.ByteDataset, as training does."""
-    if kind == "corpus":
-        return CORPUS, "corpus tiny Shakespeare (packaged)"
-    path = workdir / "random-bytes.bin"
-    if not path.exists():
-        rng = np.random.default_rng(seed)
-        path.write_bytes(rng.integers(0, 256, RANDOM_CORPUS_BYTES, dtype=np.uint8).tobytes())
-    return path, "random bytes"
+def corpus_file(data: str | os.PathLike | None = None, workdir: Path | None = None) -> tuple[Path, str]:
+    """(path, description) of the corpus a benchmark trains on: `data` checked to be a non-empty
+    file, or (None, or "corpus") the packaged tiny Shakespeare. Every variant reads batches through
+    bdh_fast.data.ByteDataset, as training does. `workdir` is unused (kept for callers)."""
+    if data is None or str(data) == "corpus":
+        return resolve_data_path(None), "corpus tiny Shakespeare (packaged)"
+    path = resolve_data_path(data)
+    return path, f"corpus {path}"
 
 
 def configure_device(device: torch.device) -> None:

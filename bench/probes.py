@@ -1,22 +1,21 @@
 """What evaluation, samples and probes cost, and on-device histograms vs TensorBoard's add_histogram.
 
-    python bench/probes.py [--preset small|reference] [--device auto|cpu|cuda] [--quick] [--save]
+    python bench/probes.py [--preset small|reference] [--device auto|cpu|cuda] [--no-compile] [--quick] [--save]
 
 1. Amortized cost: the real Trainer at the preset with the default cadences (--eval_freq,
    --eval_iters, --generate_freq, --probe_freq from RunConfig). Median time of a plain training step,
    of one evaluation, one round of samples and one probe (its extra work inside the step plus the
    collection), each measured interleaved; amortized cost = sum(cost / frequency) / step time.
-   Target: <= 2% of run time on a GPU at the reference preset.
+   Target: <= 2% of run time on a GPU at the reference preset (reported elsewhere).
 2. Histograms of every parameter at the reference preset (25.3M values, 5 tensors): the fused
    on-device `tensor_stats` op + add_histogram_raw vs SummaryWriter.add_histogram on the same
-   tensors, interleaved. Target: >= 10x faster on CPU.
+   tensors, interleaved, with the paired per-round speedups. Target: >= 10x faster on CPU.
 
-The last line of stdout is one JSON object.
+Targets and verdicts: bench/targets.py. The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -27,16 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
 
-from common import (corpus_file, emit_json, interleaved, machine_info, machine_line,  # noqa: E402
-                    markdown_table, median, save_result, timed_once)
+from common import (bench_config, bench_parser, corpus_file, finish, interleaved, judge,  # noqa: E402
+                    machine_info, markdown_table, median, paired_ratio, span, timed_once)
 
 from bdh_fast.config import RunConfig  # noqa: E402
+from bdh_fast.errors import UserError  # noqa: E402
 from bdh_fast.model import BDH, BDHConfig  # noqa: E402
 from bdh_fast.ops import STATS_SIZE, tensor_stats  # noqa: E402
 from bdh_fast.telemetry.backends import Histogram  # noqa: E402
 from bdh_fast.train import Trainer, pick_device  # noqa: E402
-
-from common import bench_config  # noqa: E402
 
 
 def amortized(config: RunConfig, repeats: int) -> tuple[str, dict]:
@@ -113,44 +111,47 @@ def histograms(device: torch.device, repeats: int, workdir: Path, bins: int = 64
     ours.close()
     theirs.close()
     a, b = median(times["tensor_stats + add_histogram_raw"]), median(times["SummaryWriter.add_histogram"])
+    paired = span(paired_ratio(times["SummaryWriter.add_histogram"], times["tensor_stats + add_histogram_raw"]))
     table = markdown_table(["method", "median ms (5 tensors, 25.3M values)", "speedup"],
                            [["tensor_stats + add_histogram_raw", f"{a * 1e3:.1f}", f"{b / a:.1f}x"],
                             ["SummaryWriter.add_histogram", f"{b * 1e3:.1f}", "1.0x"]])
-    return table, {"fused_ms": a * 1e3, "add_histogram_ms": b * 1e3, "histogram_speedup": b / a}
+    return table, {"fused_ms": a * 1e3, "add_histogram_ms": b * 1e3, "histogram_speedup": b / a,
+                   "histogram_paired_speedup_range": paired}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, help="default: small on CPU, reference on CUDA")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__, "tiny preset, 2 repeats", dtype=False)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no_compile", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 2 repeats: the harness works")
-    parser.add_argument("--save", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preset, repeats = ("tiny", 2) if args.quick else (args.preset, args.repeats)
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="bdh-probes-") as tmp:
         workdir = Path(tmp)
-        data, data_label = corpus_file("corpus", workdir)
-        config = bench_config(preset, args.device, data=str(data), out_dir=str(workdir / "runs"),
-                              run_name="amortized", progress=False, compile=not args.no_compile,
-                              log_backend="tensorboard,jsonl", ckpt_freq=0, max_iters=10**6)
-        device = pick_device(config)
+        try:
+            data, data_label = corpus_file(args.data)
+            config = bench_config(preset, args.device, data=str(data), out_dir=str(workdir / "runs"),
+                                  run_name="amortized", progress=False, compile=args.compile,
+                                  log_backend="tensorboard,jsonl", ckpt_freq=0, max_iters=10**6)
+            device = pick_device(config)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         amortized_table, amortized_record = amortized(config, repeats)
         hist_table, hist_record = histograms(device, 2 if args.quick else repeats, workdir)
-    text = (f"# Evaluation, samples and probes: cost\n\n{machine_line(info)}\n\n"
-            f"## Amortized cost at the default cadences (preset {config.preset}, {data_label})\n\n"
-            f"{amortized_table}\n\nTarget: <= 2% on a GPU at the reference preset.\n\n"
-            f"## Histograms of every parameter at the reference size, on {device.type}\n\n{hist_table}\n\n"
-            f"Target: >= 10x on CPU.\n")
-    print(text)
+    body = (f"## Amortized cost at the default cadences (preset {config.preset}, {data_label})\n\n"
+            f"{amortized_table}\n\n## Histograms of every parameter at the reference size, on {device.type}\n\n"
+            f"{hist_table}")
+    verdicts = [
+        judge("eval_probes", amortized_record["amortized_pct"], device=device.type, preset=config.preset,
+              quick=args.quick, figure=f"{amortized_record['amortized_pct']:.3f}% of step time"),
+        judge("histograms", hist_record["histogram_speedup"], device=device.type, preset=config.preset,
+              paired=hist_record["histogram_paired_speedup_range"], quick=args.quick),
+    ]
+    notes = ["amortized: per-call medians x cadence, no paired range (each cost is its own interleaved median)",
+             "histograms: paired range = each round's add_histogram time over the fused path's time"]
     record = {"bench": "probes", "preset": config.preset, "device": device.type, **amortized_record,
-              **hist_record, "machine": info}
-    if args.save:
-        save_result("probes", text, record)
-    emit_json(record)
-    return 0
+              **hist_record, "verdicts": verdicts, "quick": args.quick, "machine": info}
+    return finish(args, "probes", "Evaluation, samples and probes: cost", body, notes, record, info)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
+from records import clean, emit, last_json  # noqa: F401  (the children's side: proof_checks, proof_runs)
 from proof_verdicts import FAIL, FAILED, NOT_RUN, OK, TARGETS, TIMEOUT, Checks, versions_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,26 +132,6 @@ def run_process(argv: list[str], env: dict[str, str], timeout: float, stdout_pat
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the step's process group
         return rc, timed_out
-
-
-def emit(record: dict) -> None:
-    """A child's record: one JSON line on stdout, after its progress (last_json reads it)."""
-    sys.stdout.flush()
-    print(json.dumps(clean(record), default=str), flush=True)
-
-
-def last_json(text: str) -> dict | None:
-    """The last stdout line that is a JSON object (children may emit partial records first)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
 
 
 def read_text(path: pathlib.Path, limit: int = LOG_LIMIT) -> str:
@@ -320,17 +301,6 @@ def write_step_files(result: dict, ctx: Ctx) -> None:
         "## stderr (tail)", "", "```", result["stderr_tail"], "```", "",
         "Full output: " + ", ".join(result["logs"]) if result["logs"] else "", ""])
     write_capped(stem.with_suffix(".md"), text)
-
-
-def clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
 
 
 def order_key(result: dict) -> tuple:

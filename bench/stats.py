@@ -1,4 +1,4 @@
-"""Fused `bdh_fast::tensor_stats` vs the unfused torch ops it replaces (tracker issue 5).
+"""Fused `bdh_fast::tensor_stats` vs the unfused torch ops it replaces.
 
 The unfused baselines compute the same numbers one op at a time: torch.aminmax, sum, sum of
 squares, torch.count_nonzero and torch.histc over the aminmax range (read to the host, which
@@ -10,14 +10,15 @@ histc needs):
     unfused-compiled  torch.compile'd reductions (inductor fuses them) + eager torch.histc
 
 The baselines do less than the op: they let NaN/Inf poison sums, min and max instead of counting
-them apart. `speedup` is against the faster of the two eager baselines (the unfused ops the issue
-names); `speedup_vs_compiled` against the compiled one. Variants run interleaved (A, B, C, D, A,
-B, ...) after warm-up; medians are reported. Target, reported and not asserted: fused >= 2x the
-unfused ops at 10M fp32 elements on CPU.
+them apart. `speedup` is against the faster of the two eager baselines (the unfused ops the fused op
+replaces); `speedup_vs_compiled` against the compiled one. Variants run interleaved (A, B, C, D, A,
+B, ...) after warm-up; medians are reported, with the paired per-round speedups. Target
+(bench/targets.py): fused >= 2x the unfused ops at 10M fp32 elements on CPU.
 
     python bench/stats.py                       # 1M, 10M, 100M fp32 on CPU (and CUDA if present)
     python bench/stats.py --sizes 1e6,3e7 --repeats 9
     python bench/stats.py --quick               # small sizes, few repeats: the harness works
+    python bench/stats.py --save                # also file bench/results/<date>-<machine>-stats.md|json
 
 The last stdout line is one JSON object: speedup_cpu and speedup_cpu_vs_compiled (at 10M, or the
 largest size run below it), the same for CUDA when a GPU ran, and per-size figures. On CUDA each size
@@ -29,38 +30,33 @@ then histogram), so 50% is its ceiling on tensors larger than the L2 cache.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import platform
-import statistics
-import subprocess
+import pathlib
 import sys
 import time
 from typing import Any, Callable
 
 import torch
 
-from bdh_fast import ops
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ is not a package
 
-TARGET_SPEEDUP = 2.0
+from common import (bench_parser, finish, interleaved, judge, machine_info, markdown_table,  # noqa: E402
+                    median, paired_ratio, span)
+
+from bdh_fast import ops  # noqa: E402
+
 SPEEDUP_SIZE = 10_000_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__, "sizes 1e5,1e6, 3 repeats, no compile", preset=False, dtype=False, data=False,
+                     device=("auto", "cpu", "cuda"))
     p.add_argument("--sizes", default="1e6,1e7,1e8", help="comma-separated element counts (default 1e6,1e7,1e8)")
     p.add_argument("--bins", type=int, default=64)
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per variant and size")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per size")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CPU, then CUDA as well when available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile'd baseline (it compiles once per size)")
     p.add_argument("--peak_gb_per_s", type=float, default=None,
                    help="the GPU's peak memory bandwidth in GB/s (default: from NVML)")
-    p.add_argument("--quick", action="store_true", help="sizes 1e5,1e6, 3 repeats, no compile: checks the harness")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.warmup, args.compile = "1e5,1e6", 3, 1, False
@@ -115,24 +111,6 @@ def check_agreement(x: torch.Tensor, bins: int) -> None:
 # --- timing -----------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, cuda: bool) -> dict[str, list[float]]:
-    """Seconds per call of each fn, round-robin A, B, C, A, B, C, ...; gc and (on CUDA) a device
-    sync happen outside the timed region."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_index in range(warmup + repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def bench_size(n: int, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=gen).to(device)  # (n,) fp32, like a flattened activation tensor
@@ -150,8 +128,8 @@ def bench_size(n: int, device: torch.device, args: argparse.Namespace) -> dict[s
         compiled_unfused(compiled_reductions, x, args.bins)  # first call compiles
         compile_s = time.perf_counter() - t0
         fns["unfused-compiled"] = lambda: compiled_unfused(compiled_reductions, x, args.bins)
-    times = interleaved(fns, args.repeats, args.warmup, device.type == "cuda")
-    medians = {name: statistics.median(samples) for name, samples in times.items()}
+    times = interleaved(fns, args.repeats, args.warmup, device=device)
+    medians = {name: median(samples) for name, samples in times.items()}
     eager = {name: medians[name] for name in ("unfused", "unfused-dot")}
     best = min(eager, key=eager.get)
     compiled = medians.get("unfused-compiled")
@@ -162,6 +140,7 @@ def bench_size(n: int, device: torch.device, args: argparse.Namespace) -> dict[s
         "median_ms": {name: t * 1e3 for name, t in medians.items()},
         "best_baseline": best,
         "speedup": eager[best] / medians["fused"],
+        "paired_speedup_range": span(paired_ratio(times[best], times["fused"])),
         "speedup_vs_compiled": compiled / medians["fused"] if compiled else None,
         "fused_gb_per_s": n * x.element_size() / medians["fused"] / 1e9,
         "compile_s": compile_s,
@@ -194,39 +173,23 @@ def gpu_peak_gb_per_s() -> float | None:
 # --- report -----------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def size_table(result: dict[str, Any]) -> str:
     fused_ms = result["median_ms"]["fused"]
-    lines = [f"{result['device']}, n = {result['n']:,}"
-             + (f" (inductor compile {result['compile_s']:.1f} s, not timed)" if result["compile_s"] else ""),
-             f"  {'variant':<18}{'median ms':>11}{'min-max ms':>19}{'vs fused':>10}"]
-    for name, samples in result["times"].items():
-        med = result["median_ms"][name]
-        spread = f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}"
-        lines.append(f"  {name:<18}{med:>11.2f}{spread:>19}{med / fused_ms:>9.2f}x")
-    return "\n".join(lines)
+    title = (f"{result['device']}, n = {result['n']:,}"
+             + (f" (inductor compile {result['compile_s']:.1f} s, not timed)" if result["compile_s"] else ""))
+    rows = [[name, f"{result['median_ms'][name]:.2f}", f"{min(samples) * 1e3:.2f}-{max(samples) * 1e3:.2f}",
+             f"{result['median_ms'][name] / fused_ms:.2f}x"] for name, samples in result["times"].items()]
+    return f"{title}\n\n" + markdown_table(["variant", "median ms", "min-max ms", "vs fused"], rows)
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'device':<7}{'n':>13}{'fused ms':>10}{'best eager':>14}{'its ms':>9}{'speedup':>9}"
-             f"{'vs compiled':>13}{'fused GB/s':>12}"]
-    for r in results:
-        best = r["best_baseline"]
-        vs_compiled = f"{r['speedup_vs_compiled']:.2f}x" if r["speedup_vs_compiled"] else "-"
-        lines.append(f"{r['device']:<7}{r['n']:>13,}{r['median_ms']['fused']:>10.2f}{best:>14}"
-                     f"{r['median_ms'][best]:>9.2f}{r['speedup']:>8.2f}x{vs_compiled:>13}"
-                     f"{r['fused_gb_per_s']:>12.1f}")
-    return "\n".join(lines)
+    rows = [[r["device"], f"{r['n']:,}", f"{r['median_ms']['fused']:.2f}", r["best_baseline"],
+             f"{r['median_ms'][r['best_baseline']]:.2f}", f"{r['speedup']:.2f}x",
+             f"{r['paired_speedup_range'][0]:.2f}..{r['paired_speedup_range'][1]:.2f}x",
+             f"{r['speedup_vs_compiled']:.2f}x" if r["speedup_vs_compiled"] else "-", f"{r['fused_gb_per_s']:.1f}"]
+            for r in results]
+    return markdown_table(["device", "n", "fused ms", "best eager", "its ms", "speedup", "paired range",
+                           "vs compiled", "fused GB/s"], rows)
 
 
 def headline(results: list[dict[str, Any]], device: str) -> dict[str, Any] | None:
@@ -248,68 +211,55 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
             return 2
         devices.append(torch.device("cuda"))
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    print(f"# bench/stats.py  {' '.join(sys.argv[1:])}")
-    print(f"# CPU: {cpu_model()}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-          + (f"; GPU: {gpu}" if gpu else ""))
-    print(f"# torch {torch.__version__}, Python {platform.python_version()}, native extension: {ops.HAS_NATIVE}")
-    print(f"# fp32 input, bins={args.bins}, {args.repeats} interleaved rounds after {args.warmup} warm-up; "
-          "speedup = the faster eager baseline median / fused median")
-
+    info = machine_info()
+    gpu = info["gpu"]
+    print(f"stats: fp32 input, bins={args.bins}, {args.repeats} interleaved rounds after {args.warmup} warm-up; "
+          f"native extension: {ops.HAS_NATIVE}; speedup = the faster eager baseline median / fused median", flush=True)
     results = []
     for device in devices:
         for n in args.sizes:
             result = bench_size(n, device, args)
             results.append(result)
-            print()
-            print(size_table(result), flush=True)
-    print()
-    print(summary_table(results))
+            print(f"{device.type}, n = {n:,}: done", flush=True)
 
     cpu, cuda = headline(results, "cpu"), headline(results, "cuda")
     peak = args.peak_gb_per_s if args.peak_gb_per_s else (gpu_peak_gb_per_s() if gpu else None)
+    notes = []
     if peak:
         for r in results:
             if r["device"] == "cuda":
                 r["fraction_of_peak"] = r["fused_gb_per_s"] / peak
-                print(f"cuda, n = {r['n']:,}: fused {r['fused_gb_per_s']:.0f} GB/s of input = "
-                      f"{r['fraction_of_peak']:.1%} of the {peak:.0f} GB/s peak (two passes: 50% is the ceiling)")
-    if cpu is not None:
-        verdict = "meets" if cpu["speedup"] >= TARGET_SPEEDUP else "MISSES"
-        vs_compiled = (f"; {cpu['speedup_vs_compiled']:.2f}x vs the torch.compile'd reductions + histc"
-                       if cpu["speedup_vs_compiled"] else "")
-        print(f"\nCPU speedup at {cpu['n']:,} elements: {cpu['speedup']:.2f}x vs the unfused torch ops "
-              f"({verdict} the {TARGET_SPEEDUP}x target){vs_compiled}")
+                notes.append(f"cuda, n = {r['n']:,}: fused {r['fused_gb_per_s']:.0f} GB/s of input = "
+                             f"{r['fraction_of_peak']:.1%} of the {peak:.0f} GB/s peak (two passes: 50% is the ceiling)")
+    verdicts = []
+    for head in (cpu, cuda):
+        if head is not None:
+            verdicts.append(judge("stats", head["speedup"], device=head["device"], paired=head["paired_speedup_range"],
+                                  quick=args.quick))
+            verdicts[-1]["claim"] += f" ({head['device']}, {head['n']:,} elements)"
+    body = "\n\n".join([*(size_table(r) for r in results), "summary\n\n" + summary_table(results)])
     record = {
         "bench": "stats",
         "speedup_cpu": cpu["speedup"] if cpu else None,
         "speedup_cpu_vs_compiled": cpu["speedup_vs_compiled"] if cpu else None,
         "speedup_cpu_n": cpu["n"] if cpu else None,
-        "target_speedup": TARGET_SPEEDUP,
         "per_size": [
             {"device": r["device"], "n": r["n"], "median_ms": r["median_ms"], "best_baseline": r["best_baseline"],
-             "speedup": r["speedup"], "speedup_vs_compiled": r["speedup_vs_compiled"],
-             "fused_gb_per_s": r["fused_gb_per_s"], "fraction_of_peak": r.get("fraction_of_peak"),
-             "compile_s": r["compile_s"]}
+             "speedup": r["speedup"], "paired_speedup_range": r["paired_speedup_range"],
+             "speedup_vs_compiled": r["speedup_vs_compiled"], "fused_gb_per_s": r["fused_gb_per_s"],
+             "fraction_of_peak": r.get("fraction_of_peak"), "compile_s": r["compile_s"]}
             for r in results
         ],
         "peak_gb_per_s": peak,
         "peak_source": None if not peak else "--peak_gb_per_s" if args.peak_gb_per_s else "NVML",
-        "bins": args.bins,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "native": ops.HAS_NATIVE,
+        "bins": args.bins, "repeats": args.repeats, "threads": torch.get_num_threads(), "native": ops.HAS_NATIVE,
+        "verdicts": verdicts, "quick": args.quick, "machine": info,
     }
     if cuda is not None:
         record["speedup_cuda"] = cuda["speedup"]
         record["speedup_cuda_vs_compiled"] = cuda["speedup_vs_compiled"]
         record["speedup_cuda_n"] = cuda["n"]
-    sys.stdout.flush()
-    print(json.dumps(record, allow_nan=False))
-    return 0
+    return finish(args, "stats", "tensor_stats: fused vs unfused torch ops", body, notes, record, info)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def test_evaluation_and_sampling_do_not_disturb_training(corpus, tmp_path):
     assert [r["step"] for r in records if "val/loss" in r] == [3, 6, 9, 12]
     for r in (r for r in records if "val/loss" in r):
         assert r["val/perplexity"] == pytest.approx(math.exp(r["val/loss"]), rel=1e-9)
+        assert r["val/bpb"] == pytest.approx(r["val/loss"] / math.log(2), rel=1e-9)  # a token is a byte
         assert 0 <= r["val/accuracy"] <= 1 and r["train/loss_eval"] > 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import pathlib
 import time
@@ -43,7 +44,7 @@ from bdh_fast.telemetry.grads import GradNorms
 from bdh_fast.telemetry.metrics import Console, MetricsProcessor
 from bdh_fast.telemetry.probes import Probes
 from bdh_fast.telemetry.profiling import MemorySnapshot, Profiler
-from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats
+from bdh_fast.telemetry.system import GPUSampler, cuda_memory_stats, host_rss_gb
 from bdh_fast.telemetry.throughput import peak_tflops
 from bdh_fast.telemetry.timer import StepTimer
 
@@ -259,7 +260,7 @@ class Telemetry:
             self.stop_agreed |= exchange.stop_requested  # the same answer on every rank
             if cuda:
                 gpus = exchange.gpu_means
-        window = {**gpus, **cuda_memory_stats(self.device)} if self.enabled else {}
+        window = {**gpus, **cuda_memory_stats(self.device), **_host_memory()} if self.enabled else {}
         self.metrics.process(rows, self.timer.read_ms(), window)
 
     @record_function("telemetry/probe")
@@ -284,6 +285,7 @@ class Telemetry:
         val, train = (evaluation.evaluate(self.eval_model, self.eval_batches[split], autocast=self.autocast,
                                           reduce=reduce) for split in ("val", "train"))
         metrics = {"val/loss": val["loss"], "val/perplexity": val["perplexity"],
+                   "val/bpb": val["loss"] / math.log(2),  # bits per byte: a token is a byte
                    "val/accuracy": val["accuracy"], "train/loss_eval": train["loss"]}
         self.logger.log_metrics(metrics, self.current_step)
         self.console(f"eval: step {self.current_step} val loss {val['loss']:.4f} perplexity "
@@ -337,3 +339,8 @@ def _named_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     """{group name: its parameters' names} for the optimizer's groups that carry a "name"."""
     names = {id(p): n for n, p in model.named_parameters()}
     return {g["name"]: [names[id(p)] for p in g["params"]] for g in optimizer.param_groups if "name" in g}
+
+
+def _host_memory() -> dict[str, float]:
+    rss = host_rss_gb()
+    return {} if rss is None else {"system/host_rss_gb": rss}

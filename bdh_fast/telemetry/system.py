@@ -281,3 +281,14 @@ def cuda_memory_stats(device) -> dict[str, float]:
     }
     torch.cuda.reset_peak_memory_stats(device)
     return stats
+
+
+def host_rss_gb() -> float | None:
+    """This process's resident memory in GiB, read from /proc (Linux), or None where there is none.
+    A few microseconds, no device work: read at every flush, it shows a host-side leak as a slope."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / GiB

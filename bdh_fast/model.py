@@ -4,18 +4,34 @@ Pure model code: no I/O, no logging, no CLI. Telemetry observes this module from
 
 Shape names used in the comments:
     B batch, T time, D n_embd, nh n_head, N neurons per head, V vocab_size.
+
+How it is computed (same equations, measured in bench/peer.py against the reference formulation):
+- the (B, nh, T, N) neuron tensors are stored head-major, (nh, B*T, N), so that the three weight
+  products are plain batched GEMMs over heads (no expanded copies of the weights, no transposed
+  copy of x_s * y_s before the decoder); the code hands out (B, nh, T, N) views of them;
+- the attention, tril(QR QR^T, -1) V, is one autograd function: the Gram matrix is computed by row
+  blocks that skip the masked upper blocks, and its backward uses Q = K (one product with the
+  symmetric dS + dS^T instead of two) and rotates x_s again instead of keeping the rotated copy;
+- in compiled training, each layer keeps only its matrix-product outputs for the backward pass
+  and recomputes the element-wise rest (selective activation checkpointing, SAC). Eager code keeps
+  plain autograd: there the recomputation would cost Python dispatch on every op, and eager SAC
+  cannot replay a layer under autocast (see _layer_checkpoint_contexts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 ROPE_THETA = 2.0**16
+ATTENTION_BLOCK = 64  # rows per block of the causal Gram matrix; of 16 to 256, 64 measured fastest on CPU
 
 
 @dataclass
@@ -95,11 +111,55 @@ def rope(v: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     return rotate(v, *rope_angles(phases))
 
 
+def _row_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    starts = list(range(0, T, block)) + [T]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+class _CausalAttention(torch.autograd.Function):
+    """tril(QR QR^T, -1) @ V with QR = rotate(x_s), the reference's formulation computed by row blocks.
+
+    Forward: row block [i0, i1) of the scores is QR[i0:i1] @ QR[:i1]^T, masked strictly below the
+    diagonal; the blocks right of i1 are zeros and are never computed (about half the Gram FLOPs at
+    T >> block). With T <= block there is one block: exactly the reference's ops.
+    Backward, with dS = dout @ V^T masked like the scores: dV = S^T dout, and since Q = K,
+    dQR = (dS + dS^T) @ QR (one product where autograd would do two); QR is rotated again from
+    x_s rather than kept, and dx_s = rotate^T(dQR) = rotate(dQR, cos, -sin).
+    Under autocast the products run in the dtype the forward used (that of S).
+    """
+
+    @staticmethod
+    def forward(ctx, x_s, v, cos, sin_signed, block: int):
+        # x_s (G, B, T, N), v (1 or G, B, T, D) -> (G, B, T, D)
+        qr = rotate(x_s, cos, sin_signed)  # (G, B, T, N)
+        T = x_s.size(-2)
+        rows = []
+        for i0, i1 in _row_blocks(T, block):
+            s = (qr[..., i0:i1, :] @ qr[..., :i1, :].mT).tril(i0 - 1)  # (G, B, i1 - i0, i1)
+            rows.append(F.pad(s, (0, T - i1)) if i1 < T else s)
+        scores = torch.cat(rows, dim=-2) if len(rows) > 1 else rows[0]  # (G, B, T, T)
+        ctx.save_for_backward(x_s, v, cos, sin_signed, scores)
+        return scores @ v.to(scores.dtype)  # (G, B, T, D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x_s, v, cos, sin_signed, scores = ctx.saved_tensors
+        dout = dout.to(scores.dtype)  # (G, B, T, D)
+        v_ = v.to(scores.dtype)
+        dscores = (dout @ v_.mT).tril(-1)  # (G, B, T, T)
+        dv = (scores.mT @ dout).sum_to_size(v.shape)  # V is shared by the heads
+        qr = rotate(x_s, cos, sin_signed).to(scores.dtype)  # (G, B, T, N), recomputed
+        dqr = (dscores + dscores.mT) @ qr  # (G, B, T, N)
+        dx_s = rotate(dqr, cos, -sin_signed)  # the inverse rotation
+        return dx_s.to(x_s.dtype), dv.to(v.dtype), None, None, None
+
+
 class LinearAttention(nn.Module):
     """Q = K = rope(x_s), V = x; strictly causal scores, no softmax, no scaling."""
 
-    def __init__(self, config: BDHConfig):
+    def __init__(self, config: BDHConfig, block: int = ATTENTION_BLOCK):
         super().__init__()
+        self.block = block
         self.register_buffer("freqs", rope_frequencies(config.neurons_per_head), persistent=False)
 
     def tables(self, t0: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +168,62 @@ class LinearAttention(nn.Module):
     def forward(self, x_s: torch.Tensor, v: torch.Tensor,
                 tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x_s: (B, nh, T, N), v: (B, 1, T, D) -> (B, nh, T, D). `tables` (positions 0..T-1) may be
-        passed in so that all layers share one computation."""
+        passed in so that all layers share one computation. Computed head-major: a view of the
+        model's head-major x_s costs no copy."""
         cos, sin_signed = tables if tables is not None else self.tables(0, x_s.size(-2))
-        qr = rotate(x_s, cos, sin_signed)  # (B, nh, T, N)
-        scores = (qr @ qr.mT).tril(diagonal=-1)  # (B, nh, T, T)
-        return scores @ v  # (B, nh, T, D)
+        out = _CausalAttention.apply(x_s.transpose(0, 1), v.transpose(0, 1), cos, sin_signed, self.block)
+        return out.transpose(0, 1)  # (B, nh, T, D)
+
+
+def _save_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective activation checkpointing: keep what the matrix products return (x D_x, a D_y, the
+    Gram blocks, ... ), recompute everything element-wise (ReLU, RoPE, x_s * y_s, LayerNorm)."""
+    return CheckpointPolicy.MUST_SAVE if op in _PRODUCTS else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _relu_heads(pre: torch.Tensor) -> torch.Tensor:
+    """ReLU of a head-major (nh, B, T, N) tensor, returned as a (B, nh, T, N) view.
+
+    Eager, the ReLU runs on the (B, nh, T, N) view: what observers of F.relu (the neuron probes)
+    and the reference see. Compiled, it runs on the head-major tensor itself: inductor lays out an
+    element-wise result in its logical order, and a (B, nh, T, N) result would be copied back to
+    head-major before every product that reads it, forward and backward. Same values either way.
+    """
+    if torch.compiler.is_compiling():
+        return F.relu(pre).transpose(0, 1)
+    return F.relu(pre.transpose(0, 1))
+
+
+_PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+
+
+def _layer_checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """context_fn of a layer's checkpoint: SAC with _save_products where torch.compile traces the
+    layer, plain checkpointing (the whole layer recomputed) where it runs eagerly.
+
+    Eager SAC replays the layer op by op and needs every op of the forward again, in the same
+    order. Autocast breaks that: it casts each weight once per autocast region and caches the cast,
+    so the forward of layer 2.. finds the cast weights of layer 1 while the replay (a fresh autocast
+    region) casts them again, and SAC stops with "aten._to_copy ... not found in storage". Traced,
+    the casts are graph nodes like any other, and the partitioner places them. forward() only
+    checkpoints while compiling; an eager run can still reach the checkpoint when dynamo falls back
+    to running the layer itself (a graph break), and then gets the plain kind.
+    """
+    if torch.compiler.is_compiling():
+        return create_selective_checkpoint_contexts(_save_products)
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
+class _NoInplaceNotice(logging.Filter):
+    """Drops torch's one notice that a checkpoint with a context_fn was compiled ("make sure the
+    region has no in-place ops"): the layer has none (the compiled-gradient tests check it), and a
+    user of `python -m bdh_fast.train` should not read it at every start. Nothing else is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(_NoInplaceNotice())
 
 
 class BDH(nn.Module):
@@ -136,28 +247,57 @@ class BDH(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.shape
-        nh, N, D = self.config.n_head, self.config.neurons_per_head, self.config.n_embd
-        x = self.ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        x = self.ln(self.embed(idx))  # (B, T, D)
         tables = self.attn.tables(0, T)  # RoPE cos / sin, (T, N) each, shared by all layers
         for _ in range(self.config.n_layer):
-            x_s = F.relu(x @ self.encoder)  # (B, nh, T, N)
-            a = self.ln(self.attn(x_s, x, tables))  # (B, nh, T, D)
-            y_s = F.relu(a @ self.encoder_v)  # (B, nh, T, N)
-            xy = self.drop(x_s * y_s)  # (B, nh, T, N)
-            m = xy.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder  # (B, 1, T, D)
-            x = self.ln(x + self.ln(m))  # (B, 1, T, D)
-        logits = x.view(B, T, D) @ self.lm_head  # (B, T, V)
+            if torch.is_grad_enabled() and torch.compiler.is_compiling():
+                # compiled training: keep the products, recompute the rest in the backward
+                x = checkpoint(self._layer, x, tables, use_reentrant=False, context_fn=_layer_checkpoint_contexts)
+            else:
+                x = self._layer(x, tables)  # (B, T, D)
+        logits = x @ self.lm_head  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
+    def _layer(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One layer application: x (B, T, D) -> the next x (B, T, D)."""
+        x_s = self._encode(x)  # (B, nh, T, N)
+        a = self.attn(x_s, x.unsqueeze(1), tables)  # (B, nh, T, D)
+        return self._mix(x, x_s, a)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x_s = relu(x @ D_x): x (B, T, D) -> (B, nh, T, N), a view of a head-major tensor."""
+        B, T, D = x.shape
+        nh, N = self.config.n_head, self.config.neurons_per_head
+        h = torch.bmm(x.reshape(1, B * T, D).expand(nh, B * T, D), self.encoder)  # (nh, B*T, N)
+        return _relu_heads(h.view(nh, B, T, N))  # (B, nh, T, N)
+
+    def _mix(self, x: torch.Tensor, x_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention: x (B, T, D), x_s (B, nh, T, N), a (B, nh, T, D) -> the
+        next layer's x (B, T, D). Shared by forward, prefill and decode_step."""
+        B, T, D = x.shape
+        nh, N = self.config.n_head, self.config.neurons_per_head
+        a = self.ln(a.transpose(0, 1)).reshape(nh, B * T, D)  # (nh, B*T, D)
+        y_s = _relu_heads(torch.bmm(a, self.encoder_v).view(nh, B, T, N))  # (B, nh, T, N)
+        xy = x_s.transpose(0, 1) * y_s.transpose(0, 1)  # (nh, B, T, N)
+        if self.training and self.drop.p > 0:
+            if torch.compiler.is_compiling():  # inductor draws its own mask: any layout will do
+                xy = self.drop(xy)
+            else:  # eager: the mask in (B, nh, T, N) order, as on the reference's contiguous tensor
+                xy = self.drop(xy.transpose(0, 1).contiguous()).transpose(0, 1)
+        xy = xy.reshape(nh, B * T, N)
+        # concat_heads(xy) @ E as a sum over heads of xy_h @ E_h (rows of E are head-major)
+        m = torch.bmm(xy, self.decoder.view(nh, N, D)).sum(0)  # (B*T, D)
+        return self.ln(x + self.ln(m.view(B, T, D)))  # (B, T, D)
+
     # ---------------------------------------------------------------------------------------------
     # Incremental decoding. The linear attention has an exact recurrent form (BDH.md, Generation):
     #     a_t = sum_{s<t} (qr_t . qr_s) x_s = qr_t^T S_t,   S_t = sum_{s<t} qr_s (outer) x_s
     # one state S of shape (N, D) per layer application and head (the weights are shared, the
-    # inputs are not). forward() is left as it is; prefill() and decode_step() repeat its layer
-    # equations (tests check prefill against forward bit for bit, and decode_step against forward).
+    # inputs are not). prefill() runs forward's layers (tests check it against forward bit for
+    # bit) and decode_step() shares _encode and _mix with them (checked against forward).
     # ---------------------------------------------------------------------------------------------
 
     def state_dtype(self) -> torch.dtype:
@@ -165,25 +305,14 @@ class BDH(nn.Module):
         position, so it is accumulated in float32 even under autocast or for a bf16 model."""
         return torch.promote_types(self.lm_head.dtype, torch.float32)
 
-    def _mix(self, x: torch.Tensor, x_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The layer after its attention, exactly as in forward: x (B, 1, T, D), x_s (B, nh, T, N),
-        a (B, nh, T, D) -> the next layer's x (B, 1, T, D)."""
-        B, _, T, _ = x.shape
-        nh, N = self.config.n_head, self.config.neurons_per_head
-        a = self.ln(a)  # (B, nh, T, D)
-        y_s = F.relu(a @ self.encoder_v)  # (B, nh, T, N)
-        xy = self.drop(x_s * y_s)  # (B, nh, T, N)
-        m = xy.transpose(1, 2).reshape(B, 1, T, nh * N) @ self.decoder  # (B, 1, T, D)
-        return self.ln(x + self.ln(m))  # (B, 1, T, D)
-
     def _state_of(self, x_s: torch.Tensor, x: torch.Tensor,
                   tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """S = rotate(x_s)^T @ x summed over all T positions: x_s (B, nh, T, N), x (B, 1, T, D)
+        """S = rotate(x_s)^T @ x summed over all T positions: x_s (B, nh, T, N), x (B, T, D)
         -> (B, nh, N, D) in state_dtype()."""
         dtype = self.state_dtype()
         qr = rotate(x_s, *tables)  # (B, nh, T, N)
         with torch.autocast(x.device.type, enabled=False):
-            return qr.to(dtype).mT @ x.to(dtype)  # (B, nh, N, T) @ (B, 1, T, D) -> (B, nh, N, D)
+            return qr.to(dtype).mT @ x.to(dtype).unsqueeze(1)  # (B, nh, N, T) @ (B, 1, T, D) -> (B, nh, N, D)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,16 +325,15 @@ class BDH(nn.Module):
         L * B * nh * N * D floats: 200 MB per sequence at the reference size in float32.
         """
         B, T = idx.shape
-        D = self.config.n_embd
-        x = self.ln(self.embed(idx)).unsqueeze(1)  # (B, 1, T, D)
+        x = self.ln(self.embed(idx))  # (B, T, D)
         tables = self.attn.tables(0, T)  # (T, N) each, shared by all layers
         states = []
         for _ in range(self.config.n_layer):
-            x_s = F.relu(x @ self.encoder)  # (B, nh, T, N)
-            a = self.attn(x_s, x, tables)  # (B, nh, T, D), the same call as forward
+            x_s = self._encode(x)  # (B, nh, T, N)
+            a = self.attn(x_s, x.unsqueeze(1), tables)  # (B, nh, T, D), the same call as forward
             states.append(self._state_of(x_s, x, tables))  # (B, nh, N, D)
-            x = self._mix(x, x_s, a)  # (B, 1, T, D)
-        logits = x.view(B, T, D) @ self.lm_head  # (B, T, V): forward's shapes, so its exact bits
+            x = self._mix(x, x_s, a)  # (B, T, D)
+        logits = x @ self.lm_head  # (B, T, V): forward's shapes, so its exact bits
         return logits[:, -1], torch.stack(states)  # (B, V), (L, B, nh, N, D)
 
     @torch.no_grad()
@@ -224,18 +352,17 @@ class BDH(nn.Module):
             raise ValueError(f"decode_step takes one token per row, got idx_next of shape {tuple(idx_next.shape)}")
         if position < 0:
             raise ValueError(f"position must be >= 0, got {position}")
-        D = self.config.n_embd
-        x = self.ln(self.embed(idx_next)).unsqueeze(1)  # (B, 1, 1, D)
+        x = self.ln(self.embed(idx_next))  # (B, 1, D)
         cos, sin_signed = self.attn.tables(position, 1)  # (1, N) each
         for S in state:  # S: (B, nh, N, D), one per layer application
-            x_s = F.relu(x @ self.encoder)  # (B, nh, 1, N)
+            x_s = self._encode(x)  # (B, nh, 1, N)
             qr = rotate(x_s, cos, sin_signed).to(S.dtype)  # (B, nh, 1, N)
-            x_state = x.to(S.dtype)  # (B, 1, 1, D)
+            x_state = x.to(S.dtype).unsqueeze(1)  # (B, 1, 1, D)
             with torch.autocast(x.device.type, enabled=False):
                 a = qr @ S  # (B, nh, 1, N) @ (B, nh, N, D) -> (B, nh, 1, D)
                 S.addcmul_(qr.mT, x_state)  # += (B, nh, N, 1) * (B, 1, 1, D)
-            x = self._mix(x, x_s, a.to(x.dtype))  # (B, 1, 1, D)
-        logits = x.view(B, D) @ self.lm_head  # (B, V)
+            x = self._mix(x, x_s, a.to(x.dtype))  # (B, 1, D)
+        logits = x.view(B, -1) @ self.lm_head  # (B, V)
         return logits, state
 
     @torch.no_grad()

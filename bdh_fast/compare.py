@@ -27,12 +27,13 @@ BOOKKEEPING = {"run_name", "out_dir", "resume", "data_path", "progress", "log_fr
                "profile", "profile_wait", "profile_warmup", "profile_active", "profile_repeat",
                "memory_snapshot", "ckpt_freq"}
 TIME_KEYS = ("time", "timestamp", "wall_time")  # a record's unix time, if a future writer adds one
-CURVES = ("train/loss", "val/loss", "val/perplexity", "perf/tokens_per_sec", "perf/mfu")
+CURVES = ("train/loss", "val/loss", "val/perplexity", "perf/tokens_per_sec", "perf/mfu", "samples/valid_word_rate")
 SPARSITY_X = "model/sparsity/x"  # the curve holds the mean of model/sparsity/x/layer<i>
 
 # Result columns: name (also the --sort key and the --json key) -> table format.
 COLUMNS = {"steps": "{:d}", "best_val_loss": "{:.4f}", "final_val_loss": "{:.4f}", "val_ppl": "{:.3f}",
            "train_loss": "{:.4f}", "tok_per_s": "{:,.0f}", "mfu": "{:.1%}", "sparsity_x": "{:.3f}",
+           "valid_words": "{:.3f}",
            "wall_s": "{:.1f}"}
 DEFAULT_SORT = "best_val_loss"
 
@@ -43,6 +44,7 @@ columns:
   val_ppl         last val/perplexity          train_loss: last train/loss
   tok_per_s, mfu  medians of perf/tokens_per_sec and perf/mfu (blank when not logged)
   sparsity_x      last probe's model/sparsity/x, mean over layers
+  valid_words     last samples/valid_word_rate (share of sampled words found in the training text)
   wall_s          seconds from the first to the last record; the records carry no timestamps, so
                   this is approximated by metrics.jsonl's mtime minus config.json's mtime (a resume
                   rewrites config.json: then it counts only the last segment)
@@ -181,6 +183,7 @@ def load_run(path: Path, name: str) -> Run:
         "tok_per_s": median("perf/tokens_per_sec"),
         "mfu": median("perf/mfu"),
         "sparsity_x": last(SPARSITY_X),
+        "valid_words": last("samples/valid_word_rate"),
         "wall_s": wall_seconds(path, times),
     }
     return run

@@ -139,6 +139,8 @@ class RunConfig:
     prompts: tuple[str, ...] = _f(("To be or not to be", "Once upon a time", "In a galaxy far, far away"),
                                   "prompts for the periodic samples", nargs="+")
     sample_tokens: int = _f(100, "bytes generated per sample", allowed=Range(1, 65536))
+    samples_per_prompt: int = _f(1, "samples drawn per prompt at each sampling step (how often they differ is logged)",
+                                 allowed=Range(1, 64))
     temperature: float = _f(1.0, "sampling temperature", allowed=Range(0, lo_open=True))
     top_k: int | None = _f(3, "sample among the k most likely bytes (0 = all)", allowed=Range(0, 256))
     probe_freq: int = _f(500, "parameter norms, update ratios, histograms, neuron sparsity every N steps and at the end (0 = off)",

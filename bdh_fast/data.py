@@ -155,6 +155,10 @@ class ByteDataset:
     def val_len(self) -> int:
         return len(self._splits["val"])
 
+    def split_bytes(self, split: str) -> bytes:
+        """The whole split as bytes (the training split's words judge generated samples)."""
+        return self._split(split).tobytes()
+
     def _split(self, split: str) -> np.ndarray:
         try:
             return self._splits[split]

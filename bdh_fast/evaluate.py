@@ -93,14 +93,43 @@ def generate_samples(model: torch.nn.Module, prompts: Sequence[str], tokenizer: 
     the same seed gives the same texts and the training RNG streams never move.
     """
     to_ids, to_text = (tokenizer.encode, tokenizer.decode) if tokenizer is not None else (encode, decode)
+    ids = sample_ids(model, [to_ids(p) for p in prompts], max_tokens, temperature=temperature, top_k=top_k,
+                     seed=seed, autocast=autocast)
+    return [to_text(sample[0]) for sample in ids]
+
+
+def sample_ids(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_tokens: int, *,
+               samples_per_prompt: int = 1, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               ) -> list[list[list[int]]]:
+    """`samples_per_prompt` continuations (token ids) of each prompt, drawn one after another from one
+    generator seeded with `seed`: [prompt][sample] -> ids."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     with eval_mode(model):
-        for prompt in prompts:
-            idx = torch.tensor([to_ids(prompt)], dtype=torch.long, device=device)  # (1, T0)
-            with autocast():
-                ids = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
-            # SYNC POINT (sampling): the generated ids come to the host to be decoded.
-            out.append(to_text(ids[0, idx.size(1):].tolist()))
+        for prompt in prompt_ids:
+            idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1, T0)
+            samples = []
+            for _ in range(samples_per_prompt):
+                with autocast():
+                    ids = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
+                # SYNC POINT (sampling): the generated ids come to the host.
+                samples.append(ids[0, idx.size(1):].tolist())
+            out.append(samples)
     return out
+
+
+@torch.no_grad()
+def sample_nll(model: torch.nn.Module, prompt: Sequence[int], sample: Sequence[int], *,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """The model's mean negative log-likelihood (nats per token) of `sample` following `prompt`: how
+    likely the model finds its own text (beside val/loss; very low with a degenerate loop)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[*prompt, *sample]], dtype=torch.long, device=device)  # (1, T0 + S)
+    with eval_mode(model), autocast():
+        out = model(ids[:, :-1])
+    logits = (out[0] if isinstance(out, tuple) else out).float()  # (1, T - 1, V)
+    start = len(prompt) - 1  # the first position that predicts a sampled token
+    # SYNC POINT (sampling): one number.
+    return F.cross_entropy(logits[0, start:], ids[0, start + 1:]).item()

@@ -101,7 +101,7 @@ class Trainer:
             eval_batches={split: fixed(split, config.eval_iters)[self.dist.rank::self.dist.world_size]
                           for split in ("val", "train")} if config.eval_freq else None,
             dist=self.dist, stop_requested=lambda: self.stop.requested, checkpoint_path=self.ckpt_path,
-            norm_groups=PARAM_GROUPS)
+            norm_groups=PARAM_GROUPS, sample_vocabulary=lambda: self.data.split_bytes("train"))
         self.step = self.start_step
         self.saved_step: int | None = None
 

@@ -92,6 +92,7 @@ def test_compare_table_shows_the_differing_field_and_json_every_column(runs, cap
         assert r["best_val_loss"] <= r["final_val_loss"] and math.isfinite(r["train_loss"])
         assert r["val_ppl"] == pytest.approx(math.exp(r["final_val_loss"]), rel=1e-4)
         assert 0 < r["sparsity_x"] < 1 and r["wall_s"] >= 0
+        assert 0 <= r["valid_words"] <= 1  # the last samples' share of words found in the training text
 
     ordered = compare_json(capsys, str(runs))
     assert ordered[0]["best_val_loss"] <= ordered[1]["best_val_loss"]  # default: best val loss first

@@ -22,11 +22,13 @@ the command-line flags (`python -m bdh_fast.train --help`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
 import os
 import pathlib
+import statistics
 import time
 from typing import Callable
 
@@ -36,8 +38,10 @@ from torch.profiler import record_function
 from bdh_fast import distributed, ops
 from bdh_fast import evaluate as evaluation
 from bdh_fast.config import RunConfig
+from bdh_fast.data import decode, encode
 from bdh_fast.errors import warn_part_off
 from bdh_fast.logger import Logger
+from bdh_fast.telemetry import quality
 from bdh_fast.telemetry.backends import parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
 from bdh_fast.telemetry.grads import GradNorms
@@ -75,6 +79,7 @@ class Telemetry:
         stop_requested: Callable[[], bool] = lambda: False,
         checkpoint_path: str | os.PathLike | None = None,
         norm_groups: dict[str, list[str]] | None = None,
+        sample_vocabulary: Callable[[], bytes] | None = None,
         **flags,
     ):
         """model: the uncompiled module (gradients, probes, samples). optimizer: its first group's
@@ -88,7 +93,8 @@ class Telemetry:
         fixed (B, T) batch of BDH's neuron statistics. dist, stop_requested: under torchrun, the
         ranks share stop requests at a flush. checkpoint_path: named when a non-finite step stops
         the run. norm_groups: {name: parameter names}, each logged as train/grad_norm/group_<name>
-        (default: the optimizer's groups that carry a "name")."""
+        (default: the optimizer's groups that carry a "name"). sample_vocabulary: returns the training
+        text whose words judge the samples (samples/valid_word_rate); read once, off this thread."""
         config = dataclasses.replace(RunConfig(**LIBRARY_DEFAULTS) if run_config is None else run_config, **flags)
         self.config, self.model, self.optimizer, self.dist = config, model, optimizer, dist
         self.device = next(model.parameters()).device
@@ -150,6 +156,10 @@ class Telemetry:
                 # sync at start-up), not at the first probe step; a failing kernel means the reference.
                 ops.check_cuda_kernels(self.device, tuple({torch.float32, getattr(torch, dtype)}), config.hist_bins)
 
+        # The samples' text figures are computed on a worker thread, against the training split's words.
+        self._quality_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bdh-sample-quality")
+        self._quality_jobs: list[concurrent.futures.Future] = []
+        self._vocabulary_source, self._vocabulary = sample_vocabulary, None
         self.current_step = start_step  # the last step recorded
         self.compile_s: float | None = None
         self.stop_agreed = False  # under torchrun: every rank has seen a stop request (set at a flush)
@@ -294,15 +304,51 @@ class Telemetry:
 
     @record_function("sample")
     def log_samples(self) -> list[str]:
+        """Sample every prompt (--samples_per_prompt times), log the texts as a table, and their quality:
+        the model's NLL of its own samples here (one forward each), the text figures (quality.py) on a
+        worker thread, logged as samples/<figure> (mean) and samples/<figure>/p<i> (per prompt)."""
         config, step = self.config, self.current_step
         if not self.dist.is_main:
             return []
-        texts = evaluation.generate_samples(self.model, config.prompts, max_tokens=config.sample_tokens,
-                                            temperature=config.temperature, top_k=config.top_k or None,
-                                            seed=config.seed + step, autocast=self.autocast)
-        rows = [[step, prompt, text] for prompt, text in zip(config.prompts, texts)]
+        prompts = [encode(p) for p in config.prompts]
+        drawn = evaluation.sample_ids(self.model, prompts, config.sample_tokens,
+                                      samples_per_prompt=config.samples_per_prompt, temperature=config.temperature,
+                                      top_k=config.top_k or None, seed=config.seed + step, autocast=self.autocast)
+        rows = [[step, prompt, decode(ids)] for prompt, samples in zip(config.prompts, drawn) for ids in samples]
         self.logger.log_table("samples", ["step", "prompt", "sample"], rows, step)
-        return texts
+        nll = [[evaluation.sample_nll(self.model, p, ids, autocast=self.autocast) for ids in samples]
+               for p, samples in zip(prompts, drawn)]
+        self._quality_jobs = [job for job in self._quality_jobs if not job.done()]
+        self._quality_jobs.append(self._quality_pool.submit(self._log_sample_quality, step, drawn, nll))
+        return [decode(samples[0]) for samples in drawn]
+
+    def _log_sample_quality(self, step: int, drawn: list[list[list[int]]], nll: list[list[float]]) -> None:
+        """On the worker thread: the text figures of every sample, per prompt and their means."""
+        try:
+            if self._vocabulary is None and self._vocabulary_source is not None:
+                self._vocabulary = quality.vocabulary(self._vocabulary_source())  # once, ~0.1 s per MB
+            per_prompt = []
+            for samples, nlls in zip(drawn, nll):
+                texts = [bytes(ids) for ids in samples]
+                figures = [quality.sample_quality(t, self._vocabulary) for t in texts]
+                merged = {k: statistics.fmean(f[k] for f in figures) for k in figures[0] if all(k in f for f in figures)}
+                merged["self_nll"] = statistics.fmean(nlls)
+                merged["unique_per_prompt"] = len(set(texts)) / len(texts)
+                per_prompt.append(merged)
+            metrics = {f"samples/{k}/p{i}": v for i, figures in enumerate(per_prompt) for k, v in figures.items()}
+            for key in {k for figures in per_prompt for k in figures}:
+                values = [figures[key] for figures in per_prompt if key in figures]
+                metrics[f"samples/{key}"] = statistics.fmean(values)
+            words = [quality.words(bytes(ids)) for samples in drawn for ids in samples]
+            metrics["samples/distinct_2"] = quality.distinct(words, 2)
+            self.logger.log_metrics(metrics, step)
+        except Exception as e:  # an observer: never the run's end
+            warn_part_off(f"sample quality at step {step}", e, "this step's quality figures are missing")
+
+    def _wait_for_sample_quality(self) -> None:
+        for job in self._quality_jobs:
+            job.result()
+        self._quality_jobs = []
 
     # --- around checkpoints, and the end ----------------------------------------------------------
 
@@ -314,6 +360,7 @@ class Telemetry:
     def make_durable(self) -> None:
         """Before a checkpoint at this step: every record up to it durably written by every
         backend (DESIGN.md invariant 8). A stalled backend delays only the first checkpoint."""
+        self._wait_for_sample_quality()  # its figures are records up to this step too
         if not self.logger.flush(timeout=self.log_flush_timeout):
             self.console(f"warning: the logging backends did not finish writing step {self.current_step} within "
                          f"{self.log_flush_timeout:.0f} s; saving the checkpoint anyway (a resume may miss "
@@ -329,6 +376,8 @@ class Telemetry:
         self._end_open_step()
         with contextlib.suppress(Exception):
             self.flush()  # empty after a non-finite stop: that flush already logged its window
+        self._wait_for_sample_quality()
+        self._quality_pool.shutdown()
         self.console.close()
         self.profiler.close()
         self.gpu.close()

@@ -102,6 +102,8 @@ class Trainer:
                           for split in ("val", "train")} if config.eval_freq else None,
             dist=self.dist, stop_requested=lambda: self.stop.requested, checkpoint_path=self.ckpt_path,
             norm_groups=PARAM_GROUPS, sample_vocabulary=lambda: self.data.split_bytes("train"))
+        if resume_state is not None:
+            self.telemetry.load_state_dict(resume_state.get("telemetry"))
         self.step = self.start_step
         self.saved_step: int | None = None
 
@@ -225,7 +227,7 @@ class Trainer:
         self.telemetry.make_durable()  # a checkpoint at step s claims every record up to s
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "step": self.step,
-                 "config": self.config.to_dict(), "rng": rng}
+                 "config": self.config.to_dict(), "rng": rng, "telemetry": self.telemetry.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         checkpoint.save(self.ckpt_path, state)

@@ -12,7 +12,7 @@ from bdh_fast import train
 from bdh_fast.config import resolve
 from bdh_fast.telemetry import backends
 from bdh_fast.telemetry.buffer import StepBuffer
-from bdh_fast.telemetry.grads import GradNorms
+from bdh_fast.telemetry.grads import GradNorms, SpikeDetector
 
 from test_train import metric_records, tiny_args
 
@@ -273,8 +273,9 @@ def test_tensorboard_has_every_metric_at_every_step_equal_to_jsonl(corpus, tmp_p
 def test_backend_none_logs_nothing_and_skips_grad_norms(corpus, tmp_path, capsys):
     trainer = make_trainer(corpus, tmp_path, max_iters=6, log_train_freq=3, log_freq=3, log_backend="none")
     try:
-        # no norm pass: the step's row is the loss and its non-finite flag
-        assert trainer.telemetry.grad_norms.params == [] and trainer.telemetry.buffer.names == ["train/loss", "nonfinite"]
+        # no norm pass: the step's row is the loss, its non-finite flag and the spike detector's columns
+        assert trainer.telemetry.grad_norms.params == []
+        assert trainer.telemetry.buffer.names == ["train/loss", "nonfinite", *SpikeDetector.COLUMNS]
         trainer.fit()
     finally:
         trainer.close()

@@ -15,6 +15,58 @@ import torch
 CLIP_EPS = 1e-6  # the eps torch.nn.utils.clip_grad_norm_ uses
 
 
+class SpikeDetector:
+    """Loss and gradient-norm spikes, decided on the device at every step with no host sync.
+
+    A running window of the last `window` accepted (loss, global grad norm) pairs lives in a device
+    tensor; a step is a spike when, with at least `min_history` steps in the window, its loss or its
+    grad norm lies more than `z` standard deviations above the window's mean (upward only: a loss
+    that drops is no spike). A spike, or a non-finite value, does not enter the window. With
+    `loss_votes` False (data parallel: each rank sees its own loss) only the grad norm, the same on
+    every rank, decides, so that every rank skips the same steps. `state_dict` travels in the
+    checkpoint: a resumed run decides as the uninterrupted one would have.
+    """
+
+    COLUMNS = ["spike", "train/loss_zscore", "train/grad_norm_zscore"]
+
+    def __init__(self, device: torch.device, window: int = 128, z: float = 6.0, min_history: int = 32,
+                 loss_votes: bool = True):
+        self.window, self.z, self.min_history, self.loss_votes = window, z, min_history, loss_votes
+        self.history = torch.zeros(2, window, device=device)  # (loss, grad norm) x window
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # accepted steps so far
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"history": self.history.cpu(), "count": self.count.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if tuple(state["history"].shape) == tuple(self.history.shape):
+            self.history.copy_(state["history"])
+            self.count.copy_(state["count"])
+
+
+def _spike_columns(values: torch.Tensor, history: torch.Tensor, count: torch.Tensor, z_max: float,
+                   min_history: int, loss_votes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """values: (2,) this step's loss and grad norm. Updates history and count in place; returns the
+    (3,) columns [spike, loss z, grad norm z] and the spike flag (0-dim bool)."""
+    window = history.size(1)
+    n = count.clamp(max=window).float()
+    filled = (torch.arange(window, device=history.device) < n).float()  # (W,)
+    mean = (history * filled).sum(1) / n.clamp(min=1)  # (2,)
+    var = ((history - mean[:, None]).square() * filled).sum(1) / (n - 1).clamp(min=1)
+    std = var.sqrt().clamp(min=1e-8)
+    ready = count >= min_history
+    zs = torch.where(ready, (values - mean) / std, torch.zeros_like(values))  # (2,)
+    finite = torch.isfinite(values).all()
+    above = zs > z_max
+    spike = ready & finite & (above.any() if loss_votes else above[1])
+    accept = finite & ~spike
+    slot = (count % window).view(1)
+    kept = history.index_select(1, slot).squeeze(1)  # (2,)
+    history.index_copy_(1, slot, torch.where(accept, values, kept).view(2, 1))
+    count.add_(accept.long())
+    return torch.cat([spike.float().view(1), zs]), spike
+
+
 class GradNorms:
     """Norms of the gradients of `named_params`, grouped as `groups` (group name -> param names).
 
@@ -57,20 +109,24 @@ class GradNorms:
         return row[1:len(self.names) + 1]
 
     def step_row(self, loss: torch.Tensor, max_norm: float = 0.0, scale: torch.Tensor | None = None,
-                 skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One float32 vector on the device, [loss, *norms (as `names`), nonfinite] and, given the
-        GradScaler's `scale` (float16), [scale, scaler_skipped]; and the flag a fused optimizer skips
-        a non-finite update on (`skip_nonfinite`, no scaler), else None. Clips in place when
-        max_norm > 0. Launches: one fused norm pass per (device, dtype), one function for the rest,
-        one foreach multiply per bucket when clipping. Never syncs."""
+                 skip_nonfinite: bool = False, spikes: SpikeDetector | None = None,
+                 skip_spikes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One float32 vector on the device, [loss, *norms (as `names`), nonfinite], then given the
+        GradScaler's `scale` (float16) [scale, scaler_skipped], then given `spikes` its COLUMNS; and
+        the flag a fused optimizer skips an update on (a non-finite step with `skip_nonfinite`, a
+        spike with `skip_spikes`; no scaler), else None. Clips in place when max_norm > 0. Launches:
+        one fused norm pass per (device, dtype), one function for the rest, one foreach multiply per
+        bucket when clipping. Never syncs."""
         norms = _norms_in_bucket_order(self.params, self.buckets)
         if not self._one_device:
             norms = [n.to(self.device) for n in norms]
-        key = (max_norm, scale is not None, skip_nonfinite)
+        spike_rule = None if spikes is None else (spikes.z, spikes.min_history, spikes.loss_votes, skip_spikes)
+        key = (max_norm, scale is not None, skip_nonfinite, spike_rule)
         fn = self._row_fns.get(key)
         if fn is None:
             fn = self._row_fns[key] = _row_function(self._order, self._groups, self.device, *key, self.compile)
-        row, found_inf, coef = fn(loss.detach(), norms, scale)
+        state = (spikes.history, spikes.count) if spikes is not None else None
+        row, found_inf, coef = fn(loss.detach(), norms, scale, state)
         if coef is not None:
             for bucket in self.buckets:
                 grads = [self.params[i].grad for i in bucket if self.params[i].grad is not None]
@@ -80,7 +136,7 @@ class GradNorms:
 
 
 def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], device: torch.device,
-                  max_norm: float, scaled: bool, skip_nonfinite: bool, compile: bool):
+                  max_norm: float, scaled: bool, skip_nonfinite: bool, spike_rule: tuple | None, compile: bool):
     """The math after the norm pass, as one function of (loss, norms in bucket order, scale): the
     per-parameter, global and group norms, the non-finite flags, the clip coefficient and the row.
     The layout is fixed here, so that compiled it is one graph whose guards never change."""
@@ -90,7 +146,8 @@ def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], d
     for g, members in enumerate(groups):
         membership[g, list(members)] = 1.0
 
-    def row(loss: torch.Tensor, norms: list[torch.Tensor], scale: torch.Tensor | None):
+    def row(loss: torch.Tensor, norms: list[torch.Tensor], scale: torch.Tensor | None,
+            spike_state: tuple[torch.Tensor, torch.Tensor] | None):
         loss = loss.float().reshape(1)
         if order:
             per_param = torch.stack(norms).float()[index]  # (n_params,)
@@ -108,9 +165,17 @@ def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], d
         else:
             nonfinite = (~(torch.isfinite(loss) & grads_finite)).float()
             extra = []
-        found_inf = nonfinite.squeeze() if skip_nonfinite and not scaled else None
+        skip = nonfinite.squeeze() if skip_nonfinite and not scaled else None
+        if spike_rule is not None:
+            z_max, min_history, loss_votes, skip_spikes = spike_rule
+            grad_norm = total if total is not None else torch.zeros((), device=loss.device)
+            values = torch.stack([loss[0], grad_norm.reshape(())])
+            spike_columns, spike = _spike_columns(values, *spike_state, z_max, min_history, loss_votes)
+            extra = [*extra, spike_columns]
+            if skip_spikes and not scaled:
+                skip = spike.float() if skip is None else torch.maximum(skip, spike.float())
         coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0) if max_norm > 0 and total is not None else None
-        return torch.cat([loss, *columns, nonfinite, *extra]), found_inf, coef
+        return torch.cat([loss, *columns, nonfinite, *extra]), skip, coef
 
     return torch.compile(row, fullgraph=True, dynamic=False) if compile else row
 

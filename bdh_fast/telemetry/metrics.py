@@ -55,7 +55,7 @@ class MetricsProcessor:
     def __init__(self, logger: Writer, console: Console, *, max_iters: int, log_freq: int,
                  tokens_per_step: int | None, flops_per_token: float | None, peak_tflops: float | None,
                  world_size: int, timed_from: int, on_nonfinite: str, skip_nonfinite: bool,
-                 checkpoint_path: str | os.PathLike | None):
+                 checkpoint_path: str | os.PathLike | None, on_spike: str = "off"):
         self.logger, self.console = logger, console
         self.max_iters, self.log_freq = max_iters, log_freq
         self.tokens_per_step = tokens_per_step
@@ -66,6 +66,8 @@ class MetricsProcessor:
         self.checkpoint_path = checkpoint_path
         self.console_losses: list[float] = []
         self.weights_suspect = False  # a non-finite update was applied (on_nonfinite warn)
+        self.on_spike = on_spike
+        self.spike_total = 0  # spikes so far (kept in the checkpoint): logged as train/spikes
 
     def process(self, rows: list[tuple[int, dict[str, float]]], times_ms: list[float],
                 window: dict[str, float]) -> None:
@@ -75,6 +77,10 @@ class MetricsProcessor:
         for (step, values), step_ms in zip(rows, times_ms):
             if values.pop("nonfinite") and first_bad is None:
                 first_bad = step
+            if "spike" in values:
+                if values.pop("spike"):
+                    self._spike(step, values)
+                values["train/spikes"] = self.spike_total
             if step >= self.timed_from:
                 values["perf/step_ms"] = step_ms
                 if self.tokens_per_step:
@@ -93,6 +99,15 @@ class MetricsProcessor:
         self.console.advance(rows[-1][0])
         if first_bad is not None:
             self._nonfinite(first_bad)
+
+    def _spike(self, step: int, values: dict[str, float]) -> None:
+        self.spike_total += 1
+        what = "skipped" if self.on_spike == "skip" else "applied"
+        text = (f"loss or grad-norm spike at step {step}: loss {values['train/loss']:.4g} "
+                f"(z {values['train/loss_zscore']:.1f}), grad norm {values.get('train/grad_norm', float('nan')):.4g} "
+                f"(z {values['train/grad_norm_zscore']:.1f}); update {what}")
+        self.console(f"warning: {text}")
+        self.logger.log_alert("loss spike", text, step)
 
     def _nonfinite(self, step: int) -> None:
         message = f"non-finite loss or gradient norm at step {step}"

@@ -44,7 +44,7 @@ from bdh_fast.logger import Logger
 from bdh_fast.telemetry import quality
 from bdh_fast.telemetry.backends import parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
-from bdh_fast.telemetry.grads import GradNorms
+from bdh_fast.telemetry.grads import GradNorms, SpikeDetector
 from bdh_fast.telemetry.metrics import Console, MetricsProcessor
 from bdh_fast.telemetry.probes import Probes
 from bdh_fast.telemetry.profiling import MemorySnapshot, Profiler
@@ -114,8 +114,14 @@ class Telemetry:
         norm_names = self.grad_norms.names if named else []
         self.scaler_columns = dtype == "float16"  # the GradScaler's scale, and whether it skipped the step
         scaler_names = ["train/grad_scale", "train/scaler_skipped"] if self.scaler_columns else []
-        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names], config.log_train_freq,
-                                 self.device)
+        # Spikes: decided on the device at every step; under data parallel by the (shared) grad norm only.
+        self.spikes = None
+        if config.on_spike != "off":
+            self.spikes = SpikeDetector(self.device, config.spike_window, config.spike_zscore,
+                                        min_history=max(2, config.spike_window // 4), loss_votes=not dist.enabled)
+        spike_names = SpikeDetector.COLUMNS if self.spikes is not None else []
+        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names, *spike_names],
+                                 config.log_train_freq, self.device)
         self.timer = StepTimer(self.device)
         # Is a non-finite step's update left out? Always under fp16 (the GradScaler skips it, NaN
         # gradients included); otherwise as on_nonfinite says.
@@ -135,7 +141,8 @@ class Telemetry:
             tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
             peak_tflops=peak_tflops(self.device, dtype, config.peak_tflops), world_size=dist.world_size,
             timed_from=self.measured_from + 1 if config.compile else start_step,
-            on_nonfinite=config.on_nonfinite, skip_nonfinite=self.skip_nonfinite, checkpoint_path=checkpoint_path)
+            on_nonfinite=config.on_nonfinite, skip_nonfinite=self.skip_nonfinite, checkpoint_path=checkpoint_path,
+            on_spike=config.on_spike)
 
         # Observers.
         cuda = self.device.type == "cuda"
@@ -199,7 +206,8 @@ class Telemetry:
                     self.probes_failed(e, step)
         with record_function("telemetry/grad_norms"):
             scale = scaler._scale if self.scaler_columns else None  # the scale this step's loss used
-            row, found_inf = self.grad_norms.step_row(loss, self.config.grad_clip, scale, self.skip_nonfinite)
+            row, found_inf = self.grad_norms.step_row(loss, self.config.grad_clip, scale, self.skip_nonfinite,
+                                                      self.spikes, skip_spikes=self.config.on_spike == "skip")
         self._pending = row
         self._lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         return found_inf
@@ -366,6 +374,18 @@ class Telemetry:
                          f"{self.log_flush_timeout:.0f} s; saving the checkpoint anyway (a resume may miss "
                          "some of their records)")
             self.log_flush_timeout = 5.0
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the telemetry: the spike detector's window and the spike count."""
+        return {"spikes": self.spikes.state_dict() if self.spikes is not None else None,
+                "spike_total": self.metrics.spike_total}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return  # a checkpoint from before the detector: it starts empty
+        if self.spikes is not None and state.get("spikes"):
+            self.spikes.load_state_dict(state["spikes"])
+        self.metrics.spike_total = int(state.get("spike_total", 0))
 
     def checkpoint_saved(self, path: str | os.PathLike) -> None:
         if self.config.wandb_log_checkpoints:

@@ -77,6 +77,10 @@ class Backend:
     def log_artifact(self, path: str, name: str, kind: str) -> None:
         pass
 
+    def log_alert(self, title: str, text: str, step: int) -> None:
+        """Something a person should look at now (a loss spike). Default: the run's text."""
+        self.log_text(f"alerts/{title}", text, step)
+
     def flush(self) -> None:
         """Called whenever the writer's queue runs empty: push buffered writes to disk."""
 

@@ -71,6 +71,9 @@ class JsonlBackend(Backend):
     def log_text(self, name: str, text: str, step: int) -> None:
         self._write({"step": step, "event": "text", "name": name, "text": text})
 
+    def log_alert(self, title: str, text: str, step: int) -> None:
+        self._write({"step": step, "event": "alert", "title": title, "text": text})
+
     def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
         self._write({"step": step, "event": "table", "name": name, "columns": columns, "rows": rows})
 

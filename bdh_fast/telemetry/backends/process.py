@@ -92,6 +92,9 @@ class ProcessBackend(Backend):
     def log_artifact(self, path, name, kind):
         self._call("log_artifact", path, name, kind)
 
+    def log_alert(self, title, text, step):
+        self._call("log_alert", title, text, step)
+
     def flush(self) -> None:
         self.proc.stdin.flush()  # the end of a batch: hand it over
 

@@ -155,6 +155,15 @@ class WandbBackend(Backend):
         artifact.add_file(path)  # copied to staging now, so a later overwrite of `path` is harmless
         self.run.log_artifact(artifact)
 
+    def log_alert(self, title: str, text: str, step: int) -> None:
+        self.log_table("alerts", ["step", "title", "text"], [[step, title, text]], step)  # kept offline too
+        if "alerts" in self._held_at(step):
+            return
+        try:  # an email or Slack message online; nothing to send offline
+            self.run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN)
+        except Exception:
+            pass  # the table row above holds it
+
     def finish(self) -> None:
         self.run.finish()
 

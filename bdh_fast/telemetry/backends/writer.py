@@ -107,6 +107,9 @@ class Writer:
     def log_artifact(self, path: str, name: str, kind: str) -> None:
         self._put("log_artifact", path, name, kind)
 
+    def log_alert(self, title: str, text: str, step: int) -> None:
+        self._put("log_alert", title, text, step)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything enqueued so far is written and synced (`Backend.sync`); False if
         the timeout ran out first (default `finish_timeout_s`: a stalled backend never holds the

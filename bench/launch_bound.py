@@ -14,13 +14,16 @@ the writer's backlog. `flush_each_window=True` instead flushes, timed, at every 
 durable write per window, which the training loop does only before a checkpoint.
 
 Only the Logger's public API is used (Logger(...), log_metrics, flush, finish), so the row
-measures whichever writer the package has: a thread, or a separate process.
+measures whichever writer the package has by default. When the Logger also takes
+`writer="thread"`, the same row with the in-process writer thread is timed alongside, for
+comparison (writer_thread_overhead_pct).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import pathlib
 import time
@@ -66,7 +69,8 @@ class WriterVariant:
     """Launcher steps in windows; with a Logger, each window's rows are logged at its start (the
     writer works while the window's ops dispatch)."""
 
-    def __init__(self, ops_per_step: int, window: int, log_dir: pathlib.Path | None, flush_each_window: bool):
+    def __init__(self, ops_per_step: int, window: int, log_dir: pathlib.Path | None, flush_each_window: bool,
+                 **logger_options):
         self.launcher = Launcher(ops_per_step)
         self.window = window
         self.flush_each_window = flush_each_window
@@ -77,7 +81,7 @@ class WriterVariant:
             from bdh_fast.logger import Logger
 
             self.logger = Logger(backend="tensorboard,jsonl", project_name="bench-writer",
-                                 config={"bench": "writer"}, log_dir=log_dir)
+                                 config={"bench": "writer"}, log_dir=log_dir, **logger_options)
 
     def windows(self, n: int) -> None:
         for _ in range(n):
@@ -105,13 +109,19 @@ class WriterVariant:
 def writer_row(workdir: pathlib.Path, *, windows: int, repeats: int, ops_per_step: int = 400,
                window: int = 10, flush_each_window: bool = False) -> dict[str, Any]:
     """The writer row: blocks of `windows` windows, no Logger vs Logger, interleaved."""
+    from bdh_fast.logger import Logger
+
     variants = {"launch only": WriterVariant(ops_per_step, window, None, flush_each_window),
                 "launch + Logger": WriterVariant(ops_per_step, window, workdir / "writer-row", flush_each_window)}
+    if "writer" in inspect.signature(Logger).parameters:
+        variants["launch + Logger (thread)"] = WriterVariant(ops_per_step, window, workdir / "writer-row-thread",
+                                                             flush_each_window, writer="thread")
     try:
         for v in variants.values():
             v.windows(2)  # warm-up: the backends' first files, the allocator, the dispatcher caches
-        variants["launch + Logger"].settle()
-        variants["launch + Logger"].backlog_s.clear()
+        for v in variants.values():
+            v.settle()
+            v.backlog_s.clear()
         block_s = interleaved({name: (lambda v=v: v.windows(windows)) for name, v in variants.items()},
                               repeats, warmup=1, device=torch.device("cpu"),
                               settle={name: v.settle for name, v in variants.items()})
@@ -122,11 +132,14 @@ def writer_row(workdir: pathlib.Path, *, windows: int, repeats: int, ops_per_ste
     base, logged = block_s["launch only"], block_s["launch + Logger"]
     paired = paired_pct(logged, base)
     steps = windows * window
+    thread = block_s.get("launch + Logger (thread)")
     return {"writer_overhead_pct": (median(logged) / median(base) - 1) * 100,
             "writer_paired_range_pct": span(paired),
             "writer_launch_ms_per_step": median(base) / steps * 1e3,
             "writer_logged_ms_per_step": median(logged) / steps * 1e3,
             "writer_backlog_ms": median(backlog) * 1e3 if backlog else None,
+            "writer_thread_overhead_pct": (median(thread) / median(base) - 1) * 100 if thread else None,
+            "writer_thread_paired_range_pct": span(paired_pct(thread, base)) if thread else None,
             "writer_row": {"ops_per_step": ops_per_step, "ops_per_window": ops_per_step * window,
                            "metrics_per_step": METRICS_PER_STEP, "window_steps": window,
                            "windows_per_block": windows, "repeats": repeats, "backends": "tensorboard,jsonl",

@@ -289,7 +289,10 @@ def launch_bound_rows(args: argparse.Namespace, workdir: pathlib.Path, device: s
         f"({row['writer_launch_ms_per_step']:.2f} ms/step alone, {row['writer_logged_ms_per_step']:.2f} with the "
         f"Logger), {spec['metrics_per_step']} metrics per step handed to a bdh_fast.logger.Logger "
         f"({spec['backends']}) at each window's start; {spec['flush']}; median wait "
-        + (f"{row['writer_backlog_ms']:.1f} ms" if row["writer_backlog_ms"] is not None else "n/a"),
+        + (f"{row['writer_backlog_ms']:.1f} ms" if row["writer_backlog_ms"] is not None else "n/a")
+        + ("" if row["writer_thread_overhead_pct"] is None else
+           f"; for comparison, Logger(writer='thread'): {row['writer_thread_overhead_pct']:+.1f}% (paired "
+           f"{row['writer_thread_paired_range_pct'][0]:+.1f}..{row['writer_thread_paired_range_pct'][1]:+.1f}%)"),
         "telemetry launches per step: " + launches["telemetry_launches_note"],
     ]
     return {**row, **launches}, verdicts, notes
@@ -325,6 +328,8 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
           f"compile {'on' if config.compile else 'off'}, log_train_freq {config.log_train_freq}, {data_label}; "
           f"{repeats} x {args.steps} steps per variant, interleaved", flush=True)
 
+    # The launch-bound rows first, before the three variants fill the process and the cores.
+    launch_fields, launch_verdicts, launch_notes = launch_bound_rows(args, workdir, device.type, config.preset)
     variants = {"bare": Bare(config, device, dtype, data_path), "full": Full(config),
                 "naive": Naive(config, device, dtype, data_path, workdir / "naive", args.naive_hist_freq)}
     try:
@@ -352,7 +357,6 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     target = full_target(device.type, config.preset)
     verdicts = [judge(target, pct["full"], device=device.type, preset=config.preset, paired=paired["full"],
                       quick=args.quick)]
-    launch_fields, launch_verdicts, launch_notes = launch_bound_rows(args, workdir, device.type, config.preset)
     verdicts += launch_verdicts
     judged = {"full": verdicts[0],
               "naive": judge("overhead_full", pct["naive"], paired=paired["naive"], quick=args.quick)}

@@ -14,7 +14,7 @@ Verdicts:
               the median says (never PASS or GOAL then)
   reported    a figure with no target in this setup (another device or preset than the target's)
 
-A figure whose size is under the noise floor (half the paired range's width) is reported as such:
+A figure whose size is under the noise floor (half the paired range's spread) is reported as such:
 "+0.11% (below the noise floor: +/-3.2%)".
 """
 
@@ -28,9 +28,10 @@ GOAL, PASS, FAIL, UNRESOLVED, REPORTED = "GOAL", "PASS", "FAIL", "unresolved", "
 @dataclasses.dataclass(frozen=True)
 class Target:
     """`figure` <op> `limit` (in `unit`); `goal` a stricter bar for GOAL; `where` the (device,
-    preset) pairs the target is set for (empty: everywhere). A percentage target's noise is
-    compared with the limit in percentage points; a ratio target's ("x") with its margin over
-    parity (1.3x: 0.3), or with the limit itself for a counted figure (noise=False)."""
+    preset) pairs the target is set for (empty: everywhere). A percentage target's noise (the
+    paired range's width in points) is compared with the limit; a ratio target's ("x": a speedup)
+    is relative, the range's spread hi/lo - 1 against the target's margin over parity (1.3x: 30%);
+    a counted figure (noise=False) has none."""
 
     name: str
     bench: str  # the script's `bench` record field
@@ -87,10 +88,16 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
 
 
 def noise_margin(target: Target) -> float:
-    """How wide a paired range may be before it hides the target."""
+    """How wide a paired range may be (spread(), in %) before it hides the target."""
     if not target.noise:
         return float("inf")
-    return abs(target.limit - 1.0) if target.unit == "x" else abs(target.limit)
+    return abs(target.limit - 1.0) * 100 if target.unit == "x" else abs(target.limit)
+
+
+def spread(paired: tuple[float, float] | list[float], unit: str) -> float:
+    """The paired range's width: in points for percentages, relative (hi/lo - 1, in %) for ratios."""
+    lo, hi = min(paired), max(paired)
+    return (hi / lo - 1) * 100 if unit == "x" else hi - lo
 
 
 def judge_value(value: float | None, target: Target, paired: tuple[float, float] | list[float] | None = None
@@ -103,39 +110,39 @@ def judge_value(value: float | None, target: Target, paired: tuple[float, float]
     note = ""
     if paired:
         lo, hi = min(paired), max(paired)
-        width = hi - lo
+        width = spread(paired, target.unit)
         fmt = ".2f" if target.unit == "x" else "+.1f"
         note = f"paired range {lo:{fmt}}..{hi:{fmt}}{'x' if target.unit == 'x' else '%'}"
         best, worst = (lo, hi) if target.op == "<=" else (hi, lo)
         if not meets(best, target.limit):
             return FAIL, f"{note}: every round misses the target"
         if width > noise_margin(target):
-            return UNRESOLVED, f"{note} is wider than the target's {noise_margin(target):g}-point margin"
+            return UNRESOLVED, (f"{note} spreads {width:.0f}%, wider than the target's {noise_margin(target):g}% "
+                                "margin" if target.unit == "x" else
+                                f"{note} is wider than the target's {noise_margin(target):g}-point margin")
         if not meets(worst, target.limit):
             note += ": straddles the target, the median decides"
     if not meets(value, target.limit):
         return FAIL, note
     if target.goal is not None and meets(value, target.goal):
-        if paired and max(paired) - min(paired) > noise_margin(dataclasses.replace(target, limit=target.goal)):
+        if paired and spread(paired, target.unit) > noise_margin(dataclasses.replace(target, limit=target.goal)):
             return PASS, f"{note}; too noisy to resolve the goal".lstrip("; ")
         return GOAL, note
     return PASS, note
 
 
-def noise_floor(paired: tuple[float, float] | list[float] | None) -> float | None:
-    """Half the paired range's width: differences smaller than this are noise."""
-    return None if not paired else (max(paired) - min(paired)) / 2
-
-
 def describe(value: float | None, paired: tuple[float, float] | list[float] | None, spec: str = "+.2f",
              unit: str = "%") -> str:
-    """The figure, and "(below the noise floor: +/-x)" when its size is under half the paired range."""
+    """The figure, and "(below the noise floor: +/-x%)" when its size (a ratio's: its distance from
+    parity, in %) is under half the paired range's spread."""
     if value is None:
         return "n/a"
     text = f"{value:{spec}}{unit}"
-    floor = noise_floor(paired)
-    if floor is not None and abs(value - (1.0 if unit == "x" else 0.0)) < floor:
-        text += f" (below the noise floor: +/-{floor:.2g}{unit if unit != 'x' else ''})"
+    if paired:
+        floor = spread(paired, unit) / 2
+        size = abs(value - 1.0) * 100 if unit == "x" else abs(value)
+        if size < floor:
+            text += f" (below the noise floor: +/-{floor:.2g}%)"
     return text
 
 

@@ -153,6 +153,10 @@ def test_speedup_targets_use_the_margin_over_parity_and_other_setups_are_reporte
     assert targets.judge("throughput", 1.1, device="cpu", preset="small", paired=[1.05, 1.2])["verdict"] == "FAIL"
     assert targets.judge("throughput", 1.1, device="cuda", preset="reference")["verdict"] == "reported"
     assert targets.judge("launches", 22, device="cpu")["verdict"] == "FAIL"  # counted: no noise to hide behind
+    # a ratio's spread is relative: 52..65x is a clear pass of a 10x target, 1.18..4.91x hides a 1.3x one
+    assert targets.judge("histograms", 52.7, device="cpu", paired=[52.55, 64.89])["verdict"] == "PASS"
+    judged = targets.judge("throughput", 1.24, device="cpu", preset="small", paired=[1.18, 4.91])
+    assert judged["verdict"] == "unresolved" and "below the noise floor" in judged["figure"]
 
 
 def test_a_figure_below_the_noise_floor_says_so():

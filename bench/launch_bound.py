@@ -22,7 +22,6 @@ comparison (writer_thread_overhead_pct).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import io
 import pathlib
@@ -148,20 +147,16 @@ def writer_row(workdir: pathlib.Path, *, windows: int, repeats: int, ops_per_ste
 
 
 def telemetry_launches() -> dict[str, Any]:
-    """The telemetry's own kernel launches per step, as bdh_fast.telemetry.launches counts them,
-    or null with the reason when the package has no such counter."""
-    try:
-        module = importlib.import_module("bdh_fast.telemetry.launches")
-    except ModuleNotFoundError as e:
-        if e.name not in ("bdh_fast.telemetry.launches",):
-            raise
-        return {"telemetry_launches_per_step": None,
-                "telemetry_launches_note": "bdh_fast.telemetry.launches is not in this bdh_fast: not counted"}
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            counted = module.telemetry_launches_per_step()
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        return {"telemetry_launches_per_step": None,
-                "telemetry_launches_note": f"the counter raised {type(e).__name__}: {e}"[:300]}
-    return {"telemetry_launches_per_step": counted.get("launches_per_step"), "telemetry_launches": counted,
-            "telemetry_launches_note": "counted by bdh_fast.telemetry.launches.telemetry_launches_per_step()"}
+    """The telemetry's own kernel launches per step, counted by bdh_fast.telemetry.launches: the
+    compiled row function, as the CLI runs it on CUDA (the figure the target is for), and the eager
+    one, as a CPU run or a plain eager loop runs it."""
+    from bdh_fast.telemetry.launches import telemetry_launches_per_step
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = telemetry_launches_per_step(compile=True)
+        eager = telemetry_launches_per_step(compile=False)
+    return {"telemetry_launches_per_step": compiled["launches_per_step"],
+            "telemetry_launches_eager_per_step": eager["launches_per_step"],
+            "telemetry_launches": {"compiled": compiled, "eager": eager},
+            "telemetry_launches_note": "bdh_fast.telemetry.launches: the compiled step-row function (the CLI "
+                                       "on CUDA); eager: a CPU run, a plain eager loop"}

@@ -34,6 +34,7 @@ class SpikeDetector:
         self.window, self.z, self.min_history, self.loss_votes = window, z, min_history, loss_votes
         self.history = torch.zeros(2, window, device=device)  # (loss, grad norm) x window
         self.count = torch.zeros((), dtype=torch.long, device=device)  # accepted steps so far
+        self.slots = torch.arange(window, device=device)  # the window's positions, made once
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"history": self.history.cpu(), "count": self.count.cpu()}
@@ -44,13 +45,13 @@ class SpikeDetector:
             self.count.copy_(state["count"])
 
 
-def _spike_columns(values: torch.Tensor, history: torch.Tensor, count: torch.Tensor, z_max: float,
-                   min_history: int, loss_votes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _spike_columns(values: torch.Tensor, history: torch.Tensor, count: torch.Tensor, slots: torch.Tensor,
+                   z_max: float, min_history: int, loss_votes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """values: (2,) this step's loss and grad norm. Updates history and count in place; returns the
     (3,) columns [spike, loss z, grad norm z] and the spike flag (0-dim bool)."""
     window = history.size(1)
     n = count.clamp(max=window).float()
-    filled = (torch.arange(window, device=history.device) < n).float()  # (W,)
+    filled = (slots < n).float()  # (W,)
     mean = (history * filled).sum(1) / n.clamp(min=1)  # (2,)
     var = ((history - mean[:, None]).square() * filled).sum(1) / (n - 1).clamp(min=1)
     std = var.sqrt().clamp(min=1e-8)
@@ -125,7 +126,7 @@ class GradNorms:
         fn = self._row_fns.get(key)
         if fn is None:
             fn = self._row_fns[key] = _row_function(self._order, self._groups, self.device, *key, self.compile)
-        state = (spikes.history, spikes.count) if spikes is not None else None
+        state = (spikes.history, spikes.count, spikes.slots) if spikes is not None else None
         row, found_inf, coef = fn(loss.detach(), norms, scale, state)
         if coef is not None:
             for bucket in self.buckets:
@@ -147,7 +148,7 @@ def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], d
         membership[g, list(members)] = 1.0
 
     def row(loss: torch.Tensor, norms: list[torch.Tensor], scale: torch.Tensor | None,
-            spike_state: tuple[torch.Tensor, torch.Tensor] | None):
+            spike_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
         loss = loss.float().reshape(1)
         if order:
             per_param = torch.stack(norms).float()[index]  # (n_params,)

@@ -120,11 +120,10 @@ class ProcessBackend(Backend):
             self._wait_exit()
 
     def _wait_exit(self) -> None:
-        for stream in (self.proc.stdin,):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        try:
+            self.proc.stdin.close()  # the writer process's end of input
+        except OSError:
+            pass
         try:
             self.proc.wait(EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:

@@ -199,16 +199,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def print_report(table: str, notes: list[str], info: dict[str, Any]) -> None:
-    """The table, then one bullet per note and the machine."""
-    print()
-    print(table)
-    print()
-    for line in notes:
-        print(f"- {line}")
-    print(f"- machine: {machine_line(info)}")
-
-
 def machine_line(info: dict[str, Any]) -> str:
     where = f"GPU {info['gpu']} (CUDA {info['cuda']}), " if info["gpu"] else ""
     return (f"{where}CPU {info['cpu']}, {info['usable_cores']}/{info['cores']} cores usable, "

@@ -13,8 +13,8 @@ stream, both torch.compile'd, run in interleaved blocks (peer, ours, peer, ours,
   ours  the real bdh_fast Trainer at its telemetry defaults (on-device step buffer, grad norms, step
         timer, TensorBoard + JSONL through the background logger; periodic eval, samples, probes
         and checkpoints off, as in bench/overhead.py's `full`), driven through Trainer.run_step.
-        With --ours bare: bench/common.py's BareLoop (the Trainer's model and optimizer math, no
-        telemetry), to compare model + optimizer steps on both sides.
+        With --ours bare: bench/overhead.py's Bare (bench/common.py's BareLoop: the Trainer's model
+        and optimizer math, no telemetry), to compare model + optimizer steps on both sides.
 
 Peak memory of a training step, per side, over --mem_steps steps after the timing:
   CPU   torch.profiler with profile_memory=True: c10's CPU allocator reports every allocation and
@@ -26,14 +26,22 @@ Peak memory of a training step, per side, over --mem_steps steps after the timin
         window's start (the absolute maximum is reported too).
 
 Fidelity: with the same weights, our eager forward's logits against the peer's on one batch, in
-float32 (target: max |diff| <= 1e-5).
+float32.
+
+Targets (bench/targets.py: peer_speedup >= 1.5x, peer_memory <= 0.7x, peer_logits <= 1e-5), judged
+by the harness's rule: the speedup with its paired range (each round's peer block over ours), so a
+range that spreads wider than the target's margin is "unresolved", never PASS.
+
+Both sides read the same corpus (--data FILE, default the packaged tiny Shakespeare). The shape
+flags default to issue 17's CPU configuration with the small preset's other fields; with --preset
+the preset's own shape (e.g. --preset reference on a GPU, the issue's GPU setting), flags override.
 
     python bench/peer.py                    # L4 D128 H4 m32, B8 T256 (issue 17's CPU configuration)
     python bench/peer.py --quick            # tiny sizes, one block of two steps: the harness works
     python bench/peer.py --ours bare        # model + optimizer on both sides, no telemetry
     python bench/peer.py --save             # also file bench/results/<date>-<machine>-peer.md|json
 
-The last stdout line is one JSON object (see `record` below).
+The last stdout line is one JSON object (see `record` below), its verdicts under "verdicts".
 """
 
 from __future__ import annotations
@@ -53,10 +61,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench/ is no
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
-    AUTOCAST, BareLoop, bench_config, command_line, configure_device, corpus_file, emit_json, interleaved,
-    machine_info, machine_line, median, print_report, ratio_table, save_result, timed_once,
+    AUTOCAST, bench_config, bench_parser, configure_device, corpus_file, finish, interleaved, judge, machine_info,
+    median, paired_ratio, ratio_table, span, timed_once,
 )
-from overhead import Full, quiet  # noqa: E402
+from overhead import Bare, Full, quiet  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bdh_fast.config import RunConfig  # noqa: E402
@@ -68,7 +76,6 @@ from bdh_fast.train import pick_device, pick_dtype  # noqa: E402
 # Issue 17's configuration; --quick shrinks it to a few seconds.
 SHAPE = dict(n_layer=4, n_embd=128, n_head=4, mlp_mult=32, batch_size=8, block_size=256)
 QUICK_SHAPE = dict(n_layer=2, n_embd=64, n_head=2, mlp_mult=8, batch_size=4, block_size=64)
-TARGET_SPEEDUP, TARGET_MEMORY, TARGET_LOGITS = 1.5, 0.7, 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,23 +170,6 @@ class PeerLoop:
             self.step()
 
 
-class Bare:
-    """--ours bare: BareLoop with the interface of overhead.Full."""
-
-    def __init__(self, config: RunConfig, device: torch.device, dtype: str, data_path: pathlib.Path):
-        self.loop = BareLoop(config, device, dtype, data_path, compile=True)
-        self.model = self.loop.model
-
-    def steps(self, n: int) -> None:
-        self.loop.steps(n)
-
-    def settle(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------
@@ -232,32 +222,31 @@ def logits_diff(ours: nn.Module, peer: nn.Module, data_path: pathlib.Path, confi
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="autocast dtype for both sides (auto: bfloat16 on CUDA when supported, else float32)")
+    p = bench_parser(__doc__, "tiny sizes, one block of two steps", compile=False)
     p.add_argument("--ours", choices=("trainer", "bare"), default="trainer",
                    help="our side: the Trainer with its default telemetry, or model + optimizer only")
     for name, value in SHAPE.items():
-        p.add_argument(f"--{name}", type=int, default=value)
-    p.add_argument("--preset", default="small", help="preset for the fields not given above (dropout, lr, ...)")
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"default {value} (issue 17's configuration), or the --preset's when one is given")
     p.add_argument("--attention_block", type=int, default=None, help="override bdh_fast's attention row block")
     p.add_argument("--log_train_freq", type=int, default=10, help="ours: steps between telemetry flushes")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default --log_train_freq)")
     p.add_argument("--repeats", type=int, default=7, help="timed blocks per side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side after the first step")
     p.add_argument("--mem_steps", type=int, default=2, help="steps in each side's memory window")
-    p.add_argument("--data", choices=("corpus", "random"), default="corpus")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one block of 2 steps: the harness, no gate")
-    p.add_argument("--save", action="store_true", help="file the table and JSON under bench/results/")
     args = p.parse_args(argv)
     if args.quick:
         for name, value in QUICK_SHAPE.items():
             setattr(args, name, value)
         args.log_train_freq, args.repeats, args.warmup, args.mem_steps = 2, 1, 1, 1
+    elif args.preset is None:  # issue 17's configuration, the small preset's other fields
+        args.preset = "small"
+        for name, value in SHAPE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.steps = args.steps or args.log_train_freq
     for name in ("steps", "repeats", "mem_steps", "log_train_freq", *SHAPE):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.ours == "trainer" and args.steps % args.log_train_freq:
         p.error("--steps must be a multiple of --log_train_freq (every timed block holds the same flushes)")
@@ -266,12 +255,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    shape = {name: getattr(args, name) for name in SHAPE if getattr(args, name) is not None}
     with tempfile.TemporaryDirectory(prefix="bdh-peer-") as tmp:
         workdir = pathlib.Path(tmp)
-        data_path, data_label = corpus_file(args.data, workdir)
         try:
+            data_path, data_label = corpus_file(args.data)
             config = bench_config(
-                args.preset, args.device, dtype=args.dtype, data=str(data_path), **{k: getattr(args, k) for k in SHAPE},
+                args.preset, args.device, dtype=args.dtype, data=str(data_path), **shape,
                 log_backend="tensorboard,jsonl", log_train_freq=args.log_train_freq, eval_freq=0,
                 generate_freq=0, probe_freq=0, ckpt_freq=0, progress=False, max_iters=1_000_000,
                 log_freq=args.log_train_freq, out_dir=str(workdir / "runs"), run_name="ours")
@@ -280,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return run(args, config, device, data_path, data_label)
+
+
+def verdicts(speedup: float, paired: list[float], memory_ratio: float | None, diff: float | None, *,
+             device: str, preset: str, quick: bool) -> list[dict]:
+    """The three figures judged against bench/targets.py's peer_* targets: the speedup with its
+    paired range (unresolved when the noise hides the 1.5x), memory and logits (no timing noise)."""
+    where = dict(device=device, preset=preset, quick=quick)
+    return [judge("peer_speedup", speedup, paired=paired, **where),
+            judge("peer_memory", memory_ratio, **where),
+            judge("peer_logits", diff, figure=f"{diff:.2e}" if diff is not None else "n/a (not float32)", **where)]
 
 
 def run(args: argparse.Namespace, config: RunConfig, device: torch.device, data_path: pathlib.Path,
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, config: RunConfig, device: torch.device, data_
           f"{args.repeats} x {args.steps} steps per side, interleaved", flush=True)
 
     ours = Full(config) if args.ours == "trainer" else Bare(config, device, dtype, data_path)
-    model = ours.trainer.model if args.ours == "trainer" else ours.model
+    model = ours.trainer.model if args.ours == "trainer" else ours.loop.model
     if args.attention_block:
         model.attn.block = args.attention_block
     peer = PeerLoop(config, device, dtype, data_path, model.state_dict())
@@ -320,37 +320,29 @@ def run(args: argparse.Namespace, config: RunConfig, device: torch.device, data_
     step_s = {name: [t / args.steps for t in times] for name, times in block_s.items()}
     tps = {name: tokens_per_step / median(s) for name, s in step_s.items()}
     speedup = tps["ours"] / tps["peer"]
-    paired = [p / o for p, o in zip(block_s["peer"], block_s["ours"])]
+    paired = span(paired_ratio(block_s["peer"], block_s["ours"]))
     peak = {name: m["peak_bytes"] for name, m in memory.items()}
     memory_ratio = peak["ours"] / peak["peer"] if peak["peer"] else None
-    checks = {"speedup": speedup >= TARGET_SPEEDUP,
-              "memory": memory_ratio is not None and memory_ratio <= TARGET_MEMORY,
-              "logits": diff is not None and diff <= TARGET_LOGITS}
+    judged = verdicts(speedup, paired, memory_ratio, diff, device=device.type, preset=config.preset,
+                      quick=args.quick)
     mib = {name: f"{b / 2**20:,.1f}" for name, b in peak.items()}
     extra = {"peer": {"speedup": "1.00x", "paired range": "-", "peak MiB": mib["peer"], "memory": "1.00x"},
-             "ours": {"speedup": f"{speedup:.2f}x", "paired range": f"{min(paired):.2f}-{max(paired):.2f}x",
-                      "peak MiB": mib["ours"], "memory": f"{memory_ratio:.2f}x" if memory_ratio else "n/a"}}
+             "ours": {"speedup": judged[0]["figure"], "paired range": f"{paired[0]:.2f}..{paired[1]:.2f}x",
+                      "peak MiB": mib["ours"], "memory": judged[1]["figure"]}}
     table = ratio_table(step_s, "peer", tokens_per_step, extra)
     how = ("CPU: torch.profiler profile_memory, highest c10 CPU-allocator total in the window minus its start"
            if device.type == "cpu" else "CUDA: max_memory_allocated in the window minus the allocation at its start")
-    verdict = "quick run: harness check only, no gate" if args.quick else (
-        f"targets: tokens/s >= {TARGET_SPEEDUP}x peer: {'PASS' if checks['speedup'] else 'FAIL'}; "
-        f"peak memory <= {TARGET_MEMORY}x peer: {'PASS' if checks['memory'] else 'FAIL'}; "
-        f"logits within {TARGET_LOGITS:g}: {'PASS' if checks['logits'] else 'FAIL' if diff is not None else 'n/a'}")
     notes = [
         "first step, not in the medians: " + ", ".join(f"{name} {s:.1f} s" for name, s in first_s.items()),
-        "paired range: per round, peer's block time / ours' block time in the same round (noise indicator)",
+        "paired range: per round, peer's block time / ours' block time in the same round (the noise); "
+        "verdicts (bench/targets.py): a paired range wider than the target's margin is unresolved",
         f"ours: {'the Trainer at its default telemetry (eval, samples, probes, checkpoints off)' if args.ours == 'trainer' else 'BareLoop, no telemetry'}; "
         "peer: compiled PeerBDH (reference formulation) + default AdamW, as the reference train.py",
         f"peak memory of {args.mem_steps} training step(s) above the persistent state; {how}",
-        f"logits, eager {dtype}, same weights, one batch: max |ours - peer| = "
-        + (f"{diff:.2e}" if diff is not None else "n/a (not float32)"),
+        f"logits, eager {dtype}, same weights, one batch: max |ours - peer| = " + judged[2]["figure"],
         f"attention row block: {model.attn.block}; THP_MEM_ALLOC_ENABLE="
         f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (1: c10 backs large CPU tensors with huge pages)",
-        verdict,
     ]
-    print_report(table, notes, info)
-
     record = {
         "bench": "peer", "device": device.type, "dtype": dtype, "ours": args.ours, "preset": config.preset,
         "n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head, "mlp_mult": config.mlp_mult,
@@ -359,21 +351,15 @@ def run(args: argparse.Namespace, config: RunConfig, device: torch.device, data_
         "attention_block": model.attn.block, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "peer_ms": median(step_s["peer"]) * 1e3, "ours_ms": median(step_s["ours"]) * 1e3,
         "peer_tokens_per_s": tps["peer"], "ours_tokens_per_s": tps["ours"], "speedup": speedup,
-        "paired_range": [min(paired), max(paired)], "compile_s": first_s,
+        "paired_range": paired, "compile_s": first_s,
         "peer_peak_bytes": peak["peer"], "ours_peak_bytes": peak["ours"], "memory_ratio": memory_ratio,
         "absolute_peak_bytes": {name: m["absolute_peak_bytes"] for name, m in memory.items()},
         "memory_method": how, "logits_max_abs_diff": diff,
-        "targets": {"speedup": TARGET_SPEEDUP, "memory_ratio": TARGET_MEMORY, "logits": TARGET_LOGITS},
-        "passed": None if args.quick else checks, "quick": args.quick, "machine": info,
+        "verdicts": judged,
+        "quick": args.quick, "machine": info,
     }
-    if args.save:
-        text = "\n".join([f"# peer: bdh_fast vs the reference formulation, {shape}, {device.type}, {dtype}", "",
-                          f"`{command_line()}`", "", table, "", *(f"- {line}" for line in notes),
-                          f"- machine: {machine_line(info)}"])
-        for path in save_result("peer", text, record):
-            print(f"saved {path}")
-    emit_json(record)
-    return 0
+    title = f"peer: bdh_fast vs the reference formulation, {shape}, {device.type}, {dtype}"
+    return finish(args, "peer", title, table, notes, record, info)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ BENCHES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "stats": ("stats.py", [], ("auto", "cpu", "cuda")),
     "generate": ("generate.py", [], ("cpu", "cuda")),  # no "auto": its default is the CPU target
     "probes": ("probes.py", [], ("auto", "cpu", "cuda")),
+    "peer": ("peer.py", [], ("auto", "cpu", "cuda")),
     "ddp": ("ddp.py", [], ("cpu",)),
 }
 

@@ -84,6 +84,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            ">=", 10.0, "x", where=(("cpu", None),)),
     Target("eval_probes", "probes", "amortized_pct", "eval + samples + probes at the default cadences", "<=", 2.0,
            "%", where=(("cuda", "reference"),)),
+    # Issue 17 (bench/peer.py): ours against our implementation of the reference's formulation.
+    Target("peer_speedup", "peer", "speedup", "training tokens/s vs the reference formulation", ">=", 1.5, "x"),
+    Target("peer_memory", "peer", "memory_ratio", "peak memory of a training step vs the reference formulation",
+           "<=", 0.7, "x", noise=False),
+    Target("peer_logits", "peer", "logits_max_abs_diff", "logits vs the reference formulation's, fp32 (max |diff|)",
+           "<=", 1e-5, "abs diff", noise=False),
 ]}
 
 

@@ -210,3 +210,34 @@ def test_bench_peer_quick(peer, capsys):
     assert record["peer_peak_bytes"] > 0 and record["ours_peak_bytes"] > 0
     assert record["logits_max_abs_diff"] <= 1e-5
     assert {"paired_range", "memory_ratio", "memory_method", "machine", "compile_s"} <= set(record)
+    assert [v["target"] for v in record["verdicts"]] == ["peer_speedup", "peer_memory", "peer_logits"]
+    assert all(v["quick"] for v in record["verdicts"])  # judged, but a quick run gates nothing
+
+
+def test_bench_peer_verdicts_come_from_the_targets_table(peer):
+    """The speedup is judged with its paired range through bench/targets.py: a range that straddles
+    the 1.5x and spreads wider than its 50% margin (the loaded machine's 1.12..2.29x of 2026-12-02)
+    is unresolved whatever the median says; memory and logits carry no timing noise."""
+    import targets
+
+    def judged(speedup, paired, memory=0.6, diff=6e-7):
+        out = peer.verdicts(speedup, paired, memory, diff, device="cpu", preset="small", quick=False)
+        return {v["target"]: v for v in out}
+
+    v = judged(1.63, [1.12, 2.29])
+    assert v["peer_speedup"]["verdict"] == "unresolved" and "1.12..2.29x" in v["peer_speedup"]["note"]
+    assert v["peer_memory"]["verdict"] == v["peer_logits"]["verdict"] == "PASS"
+    assert judged(2.0, [1.9, 2.2])["peer_speedup"]["verdict"] == "PASS"
+    assert judged(1.3, [1.2, 1.45])["peer_speedup"]["verdict"] == "FAIL"  # every round misses it
+    assert judged(1.7, [1.6, 1.8], memory=0.87)["peer_memory"]["verdict"] == "FAIL"
+    assert judged(1.7, [1.6, 1.8], diff=None)["peer_logits"]["verdict"] == "reported"  # not float32
+    for name, v in judged(1.63, [1.12, 2.29]).items():
+        assert v["target_text"] == targets.TARGETS[name].text() and targets.TARGETS[name].bench == "peer"
+
+
+def test_bench_peer_data_takes_a_file(peer, capsys):
+    """--data is the harness's corpus flag: a file (default the packaged corpus). The old `random`
+    choice is gone; the word is refused with one line and exit status 2, before anything is built."""
+    assert peer.main(["--quick", "--data", "random"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data file random does not exist")

@@ -37,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+METRIC_LEVELS = ("basic", "standard", "full")  # --metrics, each level logs what the one before does and more
 MAX_STEPS = 10**9  # step counts and cadences: far past any run, and short of a typo's extra zeros
 MAX_NAME_BYTES = 255  # the longest file name Linux and macOS file systems take
 # Below 0.1 s NVML has nothing new to say (it averages utilisation over longer periods) and the
@@ -122,6 +123,10 @@ class RunConfig:
     log_backend: str = _f("tensorboard,jsonl", "comma list of tensorboard, wandb, jsonl, or none")
     log_writer: str = _f("process", "where the backends run: a writer process (never holds the training "
                          "thread's interpreter lock) or a thread of the training process", choices=("process", "thread"))
+    metrics: str = _f("standard", "what is logged: basic (loss, LR, global grad norm, speed, eval, system, samples), "
+                      "standard (+ per-group grad norms, every step's neuron sparsity per layer, the probes' norms and "
+                      "neuron statistics, per-prompt sample figures), full (+ per-parameter grad norms every step, "
+                      "weight and gradient histograms at probe steps)", choices=METRIC_LEVELS)
     wandb_project: str = _f("bdh-training", "W&B project (at most 128 characters, none of / \\ # ? %% :)")
     wandb_entity: str | None = _f(None, "W&B entity (team or user)")
     wandb_mode: str = _f("auto", "W&B mode (auto: online with an API key, else offline)", choices=("auto", "online", "offline", "disabled"))
@@ -150,7 +155,8 @@ class RunConfig:
                                  allowed=Range(1, 64))
     temperature: float = _f(1.0, "sampling temperature", allowed=Range(0, lo_open=True))
     top_k: int | None = _f(3, "sample among the k most likely bytes (0 = all)", allowed=Range(0, 256))
-    probe_freq: int = _f(500, "parameter norms, update ratios, histograms, neuron sparsity every N steps and at the end (0 = off)",
+    probe_freq: int = _f(500, "parameter norms, update ratios, neuron statistics on a fixed batch (and with --metrics full, "
+                         "histograms) every N steps and at the end (0 = off; --metrics basic: off)",
                          allowed=STEPS)
     # Histograms are computed on the device for every parameter: each bucket costs memory there.
     hist_bins: int = _f(64, "buckets of the weight and gradient histograms", allowed=Range(1, 4096))

@@ -194,6 +194,23 @@ def _relu_heads(pre: torch.Tensor) -> torch.Tensor:
     return F.relu(pre.transpose(0, 1))
 
 
+# The optional statistics channel of BDH.forward (neuron_stats=True): per layer application, in this order.
+NEURON_STATS = ("sparsity/x", "active_mean/x", "sparsity/y", "active_mean/y", "sparsity/xy", "active_mean/xy")
+
+
+def neuron_statistics(x_s: torch.Tensor, y_s: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """NEURON_STATS of one layer application, (6,) float32, without gradient: for each of x_s, y_s
+    and x_s * y_s, the fraction of its entries that are non-zero ("sparsity", as BDH's paper
+    reports it) and the mean of those non-zero entries. Two reductions per tensor; compiled, inductor
+    fuses them with the element-wise ops that produce the tensor."""
+    out = []
+    for t in (x_s, y_s, xy):
+        t = t.detach()
+        nonzero = (t != 0).sum().float()  # counted in int64: exact at any size
+        out += [nonzero / t.numel(), t.sum(dtype=torch.float32) / nonzero.clamp(min=1)]
+    return torch.stack(out)
+
+
 _PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
 
 
@@ -245,27 +262,43 @@ class BDH(nn.Module):
     def ln(x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:])  # no affine weight, no bias
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, neuron_stats: bool = False):
+        """idx, targets (B, T) -> (logits (B, T, V), loss or None).
+
+        neuron_stats=True: the optional statistics channel. Returns (logits, loss, stats) with
+        stats (n_layer, 6) float32, detached: per layer application the NEURON_STATS of this
+        forward's x_s, y_s and x_s * y_s (before dropout). The same values and gradients otherwise;
+        off (the default), nothing of it is computed. Compiled, it is part of the one graph.
+        """
         B, T = idx.shape
         x = self.ln(self.embed(idx))  # (B, T, D)
         tables = self.attn.tables(0, T)  # RoPE cos / sin, (T, N) each, shared by all layers
+        stats = []
         for _ in range(self.config.n_layer):
             if torch.is_grad_enabled() and torch.compiler.is_compiling():
                 # compiled training: keep the products, recompute the rest in the backward
-                x = checkpoint(self._layer, x, tables, use_reentrant=False, context_fn=_layer_checkpoint_contexts)
+                out = checkpoint(self._layer, x, tables, neuron_stats, use_reentrant=False,
+                                 context_fn=_layer_checkpoint_contexts)
             else:
-                x = self._layer(x, tables)  # (B, T, D)
+                out = self._layer(x, tables, neuron_stats)
+            if neuron_stats:
+                x, layer_stats = out
+                stats.append(layer_stats)
+            else:
+                x = out  # (B, T, D)
         logits = x @ self.lm_head  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        if neuron_stats:
+            return logits, loss, torch.stack(stats)  # (L, 6)
         return logits, loss
 
-    def _layer(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """One layer application: x (B, T, D) -> the next x (B, T, D)."""
+    def _layer(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], neuron_stats: bool = False):
+        """One layer application: x (B, T, D) -> the next x (B, T, D) (and its (6,) statistics)."""
         x_s = self._encode(x)  # (B, nh, T, N)
         a = self.attn(x_s, x.unsqueeze(1), tables)  # (B, nh, T, D)
-        return self._mix(x, x_s, a)
+        return self._mix(x, x_s, a, neuron_stats)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """x_s = relu(x @ D_x): x (B, T, D) -> (B, nh, T, N), a view of a head-major tensor."""
@@ -274,14 +307,16 @@ class BDH(nn.Module):
         h = torch.bmm(x.reshape(1, B * T, D).expand(nh, B * T, D), self.encoder)  # (nh, B*T, N)
         return _relu_heads(h.view(nh, B, T, N))  # (B, nh, T, N)
 
-    def _mix(self, x: torch.Tensor, x_s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, x_s: torch.Tensor, a: torch.Tensor, neuron_stats: bool = False):
         """The layer after its attention: x (B, T, D), x_s (B, nh, T, N), a (B, nh, T, D) -> the
-        next layer's x (B, T, D). Shared by forward, prefill and decode_step."""
+        next layer's x (B, T, D), and with neuron_stats its (6,) statistics. Shared by forward,
+        prefill and decode_step."""
         B, T, D = x.shape
         nh, N = self.config.n_head, self.config.neurons_per_head
         a = self.ln(a.transpose(0, 1)).reshape(nh, B * T, D)  # (nh, B*T, D)
         y_s = _relu_heads(torch.bmm(a, self.encoder_v).view(nh, B, T, N))  # (B, nh, T, N)
         xy = x_s.transpose(0, 1) * y_s.transpose(0, 1)  # (nh, B, T, N)
+        stats = neuron_statistics(x_s, y_s, xy) if neuron_stats else None
         if self.training and self.drop.p > 0:
             if torch.compiler.is_compiling():  # inductor draws its own mask: any layout will do
                 xy = self.drop(xy)
@@ -290,7 +325,8 @@ class BDH(nn.Module):
         xy = xy.reshape(nh, B * T, N)
         # concat_heads(xy) @ E as a sum over heads of xy_h @ E_h (rows of E are head-major)
         m = torch.bmm(xy, self.decoder.view(nh, N, D)).sum(0)  # (B*T, D)
-        return self.ln(x + self.ln(m.view(B, T, D)))  # (B, T, D)
+        x = self.ln(x + self.ln(m.view(B, T, D)))  # (B, T, D)
+        return x if stats is None else (x, stats)
 
     # ---------------------------------------------------------------------------------------------
     # Incremental decoding. The linear attention has an exact recurrent form (BDH.md, Generation):

@@ -159,14 +159,17 @@ class Trainer:
         with record_function("data"):
             x, y = self.data.get_batch("train")
         with record_function("forward"), self.autocast():
-            _, loss = self.train_model(x, y)
+            if self.telemetry.neuron_stats:  # BDH's optional channel: every step's neuron statistics
+                _, loss, neuron_stats = self.train_model(x, y, neuron_stats=True)
+            else:
+                (_, loss), neuron_stats = self.train_model(x, y), None
         with record_function("backward"):
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        found_inf = self.telemetry.after_backward(loss, self.scaler)
+        found_inf = self.telemetry.after_backward(loss, self.scaler, neuron_stats)
         if found_inf is not None:
             self.optimizer.found_inf = found_inf  # the fused step skips a non-finite update on the device
         with record_function("optimizer"):

@@ -1,16 +1,20 @@
 """What the telemetry costs: the same training loop bare, with bdh_fast's telemetry, and seed-style
 (the design card: "overhead stays under 5%", our goal under 1%); then the launch-bound rows.
 
-Three variants, same config and seed, each its own model instance, optimizer and copy of the same
+Four variants, same config and seed, each its own model instance, optimizer and copy of the same
 batch stream. Each instance is torch.compile'd, but dynamo's guards do not key on the module
-instance, so all three run ONE compiled graph (the same kernels) and the first variant's first
-step carries the whole compilation; every first step is timed apart, outside the medians:
+instance, so the variants share compiled graphs (the same kernels: full's forward, which also yields
+BDH's neuron statistics, is a second graph) and the first variant to run a graph carries its
+compilation; every first step is timed apart, outside the medians:
 
   bare   BareLoop (bench/common.py): the Trainer's math (fused AdamW, LR schedule, autocast), no
          telemetry, no host read.
   full   the real bdh_fast.train.Trainer at its telemetry defaults (on-device StepBuffer, fused grad
          norms, StepTimer, TensorBoard + JSONL through the Logger's writer, flush every
-         --log_train_freq steps), driven step by step through Trainer.run_step, the body of Trainer.fit's loop.
+         --log_train_freq steps; --metrics standard, its default), driven step by step through
+         Trainer.run_step, the body of Trainer.fit's loop.
+  full-neurons  full without every step's neuron statistics (the model's channel off, the loop's
+         forward that of bare): full against it is the row neuron_stats_overhead_pct.
   naive  what a typical research script does: loss.item() and p.grad.norm().item() per parameter
          every step, SummaryWriter.add_scalar per metric per step on the training thread, and
          add_histogram of every parameter (copied to the host) every --naive_hist_freq steps.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import pathlib
@@ -99,9 +104,10 @@ class Bare:
 
 
 class Full:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, neuron_stats: bool = True):
         with quiet():
             self.trainer = Trainer(config, None)
+        self.trainer.telemetry.neuron_stats &= neuron_stats  # off: the loop's forward leaves the channel off
         self.step = self.trainer.start_step
 
     def first_step(self) -> None:
@@ -331,6 +337,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     # The launch-bound rows first, before the three variants fill the process and the cores.
     launch_fields, launch_verdicts, launch_notes = launch_bound_rows(args, workdir, device.type, config.preset)
     variants = {"bare": Bare(config, device, dtype, data_path), "full": Full(config),
+                "full-neurons": Full(dataclasses.replace(config, run_name="full-neurons"), neuron_stats=False),
                 "naive": Naive(config, device, dtype, data_path, workdir / "naive", args.naive_hist_freq)}
     try:
         first_s = {name: timed_once(v.first_step, device) for name, v in variants.items()}
@@ -339,6 +346,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         for v in variants.values():
             v.steps(args.warmup)
         aligned = variants["full"].align()
+        variants["full-neurons"].align()
         block_s = interleaved({name: (lambda v=v: v.steps(args.steps)) for name, v in variants.items()},
                               repeats, warmup=0, device=device,
                               settle={name: v.settle for name, v in variants.items()})
@@ -353,12 +361,20 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     step_s = {name: [t / args.steps for t in times] for name, times in block_s.items()}
     ms = {name: median(s) * 1e3 for name, s in step_s.items()}
     pct = {name: (ms[name] / ms["bare"] - 1) * 100 for name in ms}
-    paired = {name: span(paired_pct(block_s[name], block_s["bare"])) for name in ("full", "naive")}
+    paired = {name: span(paired_pct(block_s[name], block_s["bare"])) for name in ("full", "full-neurons", "naive")}
     target = full_target(device.type, config.preset)
     verdicts = [judge(target, pct["full"], device=device.type, preset=config.preset, paired=paired["full"],
                       quick=args.quick)]
+    # The neuron statistics' own row: full against full without them, paired per round.
+    neuron_pct = (ms["full"] / ms["full-neurons"] - 1) * 100
+    neuron_paired = span(paired_pct(block_s["full"], block_s["full-neurons"]))
+    neuron_target = "neuron_stats_reference" if device.type == "cuda" else "neuron_stats"
+    verdicts.append(judge(neuron_target, neuron_pct, device=device.type, preset=config.preset, paired=neuron_paired,
+                          quick=args.quick))
     verdicts += launch_verdicts
     judged = {"full": verdicts[0],
+              "full-neurons": judge("overhead_full", pct["full-neurons"], paired=paired["full-neurons"],
+                                    quick=args.quick),
               "naive": judge("overhead_full", pct["naive"], paired=paired["naive"], quick=args.quick)}
     extra = {name: {"overhead vs bare": "-" if name == "bare" else judged[name]["figure"],
                     "paired range": "-" if name == "bare" else f"{paired[name][0]:+.1f}..{paired[name][1]:+.1f}%",
@@ -366,8 +382,8 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     table = ratio_table(step_s, "bare", tokens_per_step, extra)
     notes = [
         "first step, not in the medians: " + ", ".join(f"{name} {s:.2f} s" for name, s in first_s.items())
-        + ("; the variants share one compiled graph, so bare's first step holds the compilation"
-           if config.compile else ""),
+        + ("; the variants share compiled graphs, so bare's first step holds the compilation of the plain "
+           "step, full's that of the step with the neuron statistics" if config.compile else ""),
         "verdicts (bench/targets.py): full against " + verdicts[0]["target_text"] + "; naive against the design "
         "card's 5%; a paired range wider than the target is unresolved",
         f"full: {variants['full'].step} steps in all, {aligned} of them to reach a steady flush cadence "
@@ -377,6 +393,9 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         f"naive: host histograms every {args.naive_hist_freq} steps ({variants['naive'].step} steps run): "
         "the median ignores those rare blocks, the mean shows them",
         "paired range: per-round overhead vs the bare block that ran in the same round (the noise)",
+        f"neuron statistics: full vs full-neurons {neuron_pct:+.2f}% (paired {neuron_paired[0]:+.1f}.."
+        f"{neuron_paired[1]:+.1f}%), {len(variants['full'].trainer.telemetry.buffer.names)} columns per step "
+        f"with them",
         "direct measure, robust to machine noise: the telemetry's own record_function ranges in a profiled "
         f"window of full take {sum(ranges_ms.values()):.3f} ms/step on the training thread ("
         + ", ".join(f"{k} {v:.3f}" for k, v in ranges_ms.items())
@@ -390,6 +409,8 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "log_train_freq": config.log_train_freq, "naive_hist_freq": args.naive_hist_freq, "data": data_label,
         "bare_ms": ms["bare"], "full_ms": ms["full"], "naive_ms": ms["naive"],
         "full_overhead_pct": pct["full"], "naive_overhead_pct": pct["naive"], "paired_range_pct": paired,
+        "full_neurons_ms": ms["full-neurons"], "neuron_stats_overhead_pct": neuron_pct,
+        "neuron_stats_paired_range_pct": neuron_paired,
         "log_freq": config.log_freq, "verdict_full": judged["full"]["verdict"],
         "verdict_naive": judged["naive"]["verdict"],
         "compile_s": first_s["bare"] if config.compile else None, "first_step_s": first_s,
@@ -397,7 +418,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "telemetry_ranges_pct": 100 * sum(ranges_ms.values()) / ms["bare"], **launch_fields, "verdicts": verdicts,
         "quick": args.quick, "machine": info,
     }
-    title = f"overhead: bare vs full vs naive telemetry, preset {config.preset}, {device.type}, {dtype}"
+    title = f"overhead: bare vs full (with and without neuron statistics) vs naive telemetry, preset {config.preset}, {device.type}, {dtype}"
     return finish(args, "overhead", title, table, notes, record, info)
 
 

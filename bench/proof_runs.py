@@ -137,7 +137,7 @@ def check_sync(a: argparse.Namespace) -> dict:
     config = bench_config("reference" if cuda else "tiny", "cuda" if cuda else "cpu", dtype="bfloat16",
                           compile=cuda, out_dir=str(work / "runs"), run_name="sync", progress=False,
                           max_iters=total, eval_freq=every, generate_freq=every, probe_freq=every, ckpt_freq=every,
-                          **small)
+                          metrics="full", **small)  # full: every observer, histograms included, is checked
     rec: dict[str, Any] = {"check": "sync", "preset": config.preset, "device": "cuda" if cuda else "cpu",
                            "compile": config.compile, "dtype": config.dtype, "sync_debug": cuda, "steps": total,
                            "warmup_steps": warm, "every": every}

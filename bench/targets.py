@@ -84,6 +84,11 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            ">=", 10.0, "x", where=(("cpu", None),)),
     Target("eval_probes", "probes", "amortized_pct", "eval + samples + probes at the default cadences", "<=", 2.0,
            "%", where=(("cuda", "reference"),)),
+    # Issue 16: every step's BDH neuron statistics from the training forward (full with vs without them).
+    Target("neuron_stats", "overhead", "neuron_stats_overhead_pct", "every step's neuron statistics", "<=", 2.0,
+           "%", where=(("cpu", "small"),)),
+    Target("neuron_stats_reference", "overhead", "neuron_stats_overhead_pct", "every step's neuron statistics",
+           "<=", 1.0, "%", where=(("cuda", "reference"),)),
     # Issue 17 (bench/peer.py): ours against our implementation of the reference's formulation.
     Target("peer_speedup", "peer", "speedup", "training tokens/s vs the reference formulation", ">=", 1.5, "x"),
     Target("peer_memory", "peer", "memory_ratio", "peak memory of a training step vs the reference formulation",

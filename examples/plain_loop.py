@@ -4,7 +4,7 @@
     tensorboard --logdir DIR
 
 The five lines that mention telemetry are all the monitoring costs: every step's loss, learning
-rate, global and per-parameter gradient norms, step time and tokens/s, in TensorBoard and
+rate, global and (metrics="full") per-parameter gradient norms, step time and tokens/s, in TensorBoard and
 metrics.jsonl, and the reference's `Step: ...` console line every 100 steps. They add no host sync
 between flushes: the values stay on the device and reach the host in one copy every 10 steps.
 Delete them and the loop runs as before. Any nn.Module works the same way; the model here is BDH,
@@ -53,7 +53,7 @@ def get_batch(split):
 
 model = BDH(BDH_CONFIG).to(device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-telemetry = Telemetry(model, optimizer, log_dir=args.out_dir, max_iters=args.max_iters, tokens_per_step=BATCH_SIZE * BLOCK_SIZE)
+telemetry = Telemetry(model, optimizer, log_dir=args.out_dir, max_iters=args.max_iters, tokens_per_step=BATCH_SIZE * BLOCK_SIZE, metrics="full")
 if device.type == "cuda":  # on a CPU, compiling costs more than a short run gains
     model = torch.compile(model)
 

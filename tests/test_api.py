@@ -126,7 +126,7 @@ def test_telemetry_in_a_loop_of_its_own_with_any_module(tmp_path, make_model):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = batches(6)
     telemetry = Telemetry(model, optimizer, log_dir=tmp_path, max_iters=6, log_train_freq=4, tokens_per_step=48,
-                          probe_freq=3, hist_bins=8, probe_batch=data[0][0])
+                          probe_freq=3, hist_bins=8, probe_batch=data[0][0], metrics="full")
     for step, (x, y) in enumerate(data, start=1):
         out = model(x, y)
         loss = out[1] if isinstance(out, tuple) else F.cross_entropy(out.flatten(0, 1), y.flatten())
@@ -147,3 +147,6 @@ def test_telemetry_in_a_loop_of_its_own_with_any_module(tmp_path, make_model):
         for name, _ in model.named_parameters()}
     neurons = any(k.startswith("model/sparsity/") for r in probes for k in r)
     assert neurons == isinstance(model, BDH)  # BDH's neuron statistics attach to BDH only
+    # this loop leaves BDH's every-step channel off: its steps log no train/sparsity, and nothing breaks
+    assert telemetry.neuron_stats == isinstance(model, BDH)
+    assert not any(k.startswith("train/sparsity/") for r in steps for k in r)

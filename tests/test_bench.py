@@ -70,10 +70,12 @@ def test_overhead_quick():
     assert record["bench"] == "overhead"
     assert record["preset"] == "tiny" and record["quick"] is True
     assert record["device"] in ("cpu", "cuda")
-    assert_positive(record, ["bare_ms", "full_ms", "naive_ms", "compile_s"])
-    for key in ("full_overhead_pct", "naive_overhead_pct"):
+    assert_positive(record, ["bare_ms", "full_ms", "full_neurons_ms", "naive_ms", "compile_s"])
+    for key in ("full_overhead_pct", "naive_overhead_pct", "neuron_stats_overhead_pct"):
         assert isinstance(record[key], float) and math.isfinite(record[key])
     assert record["verdict_full"] in VERDICTS
+    # the neuron statistics' row: full against full without them, judged against its own target
+    assert {v["target"] for v in record["verdicts"]} & {"neuron_stats", "neuron_stats_reference"}
     # the full variant really ran bdh_fast's telemetry: its steps reached metrics.jsonl
     assert record["full_steps_logged"] > 0
     assert_launch_rows(record)

@@ -29,7 +29,7 @@ def runs(tmp_path_factory) -> Path:
     for name, lr in LRS.items():
         argv = ["--preset", "tiny", "--no-compile", "--max_iters", str(STEPS), "--eval_freq", "6",
                 "--eval_iters", "2", "--probe_freq", "6", "--generate_freq", "6", "--sample_tokens", "8",
-                "--no_progress", "--nvml_interval", "0", "--data", str(corpus), "--out_dir", str(out),
+                "--metrics", "full", "--no_progress", "--nvml_interval", "0", "--data", str(corpus), "--out_dir", str(out),
                 "--run_name", name, "--lr", lr]
         assert train.main(argv) == 0
     return out

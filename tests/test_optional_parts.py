@@ -41,7 +41,7 @@ def test_histogram_kernel_that_raises_turns_probes_off_once(corpus, tmp_path, ca
         raise RuntimeError("triton: out of shared memory")
 
     monkeypatch.setattr(probes_mod, "tensor_stats", broken)
-    run_dir = run(corpus, tmp_path, "--probe_freq", "2")
+    run_dir = run(corpus, tmp_path, "--probe_freq", "2", "--metrics", "full")  # full: the histograms too
     lines = warnings_about(capsys.readouterr().err, "model probes")
     assert len(lines) == 1 and "out of shared memory" in lines[0] and "step 2" in lines[0], lines
     assert len(calls) == 1  # off after the first failure, never tried again

@@ -91,7 +91,7 @@ def test_histograms_match_the_tensors_and_norms_and_update_ratios(probed):
 
 def test_probe_runs_every_probe_freq_and_at_the_end(corpus, tmp_path):
     assert train.main(tiny_args(corpus, tmp_path, "p", "--max_iters", "25", "--probe_freq", "10",
-                                "--hist_bins", "8")) == 0
+                                "--hist_bins", "8", "--metrics", "full")) == 0
     records = [json.loads(l) for l in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     probe_steps = sorted({r["step"] for r in records if "model/sparsity/x/layer0" in r})
     assert probe_steps == [10, 20, 25]

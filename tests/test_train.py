@@ -44,8 +44,8 @@ def test_run_writes_config_checkpoint_metrics_and_reference_console(corpus, tmp_
     records = metric_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, 21))  # every step, at its own number
     for r in records:
-        assert {"train/loss", "train/lr", "train/grad_norm", "train/grad_norm/encoder",
-                "train/grad_norm/group_neurons", "perf/step_ms", "perf/tokens_per_sec"} <= set(r)
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/grad_norm/group_neurons",
+                "train/sparsity/x/layer1", "perf/step_ms", "perf/tokens_per_sec"} <= set(r)
     # the console mean is computed from the same flushed rows
     console_first = float(next(l for l in out if l.startswith("Step: 10/")).split("loss ")[1])
     mean_first = sum(r["train/loss"] for r in records[:10]) / 10

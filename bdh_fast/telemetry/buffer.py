@@ -2,7 +2,9 @@
 
 `record` writes one row of a preallocated (window, metrics) float32 tensor with a device-to-device
 copy: no host sync. `flush` moves the filled rows to pinned host memory with ONE non_blocking copy
-and ONE wait, and returns every step with its own values (nothing averaged away).
+and ONE wait, and returns every step with its own values (nothing averaged away). A step may bring
+only the first columns (a loop that leaves out the optional trailing ones, such as BDH's neuron
+statistics): its row then names only those.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class StepBuffer:
         self.host = torch.zeros(window, len(names), dtype=torch.float32,
                                 pin_memory=device.type == "cuda")  # (W, M)
         self.steps: list[int] = []
+        self.widths: list[int] = []  # columns each step recorded
         self.host_values: list[dict[str, float]] = []  # values the host already knows (lr, ...)
 
     def __len__(self) -> int:
@@ -31,11 +34,16 @@ class StepBuffer:
         return len(self.steps) == self.window
 
     def record(self, step: int, values: torch.Tensor, host_values: dict[str, float] | None = None) -> None:
-        """Store one step. values: (M,) on the device, in `names` order. Never syncs."""
+        """Store one step. values: (M,) on the device in `names` order, or its first columns only.
+        Never syncs."""
         if self.full:
             raise RuntimeError("StepBuffer is full: flush() before recording more steps")
-        self.values[len(self.steps)].copy_(values, non_blocking=True)
+        width = values.numel()
+        if width > len(self.names):
+            raise ValueError(f"a row of {width} values for a buffer of {len(self.names)} columns")
+        self.values[len(self.steps), :width].copy_(values, non_blocking=True)
         self.steps.append(step)
+        self.widths.append(width)
         self.host_values.append(host_values or {})
 
     def flush(self, reduce: Callable[[torch.Tensor], object] | None = None) -> list[tuple[int, dict[str, float]]]:
@@ -52,7 +60,7 @@ class StepBuffer:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         rows = self.host[:n].tolist()  # host memory: no device access
-        out = [(step, {**dict(zip(self.names, row)), **extra})
-               for step, row, extra in zip(self.steps, rows, self.host_values)]
-        self.steps, self.host_values = [], []
+        out = [(step, {**dict(zip(self.names[:width], row)), **extra})
+               for step, row, width, extra in zip(self.steps, rows, self.widths, self.host_values)]
+        self.steps, self.widths, self.host_values = [], [], []
         return out

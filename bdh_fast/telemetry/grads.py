@@ -72,9 +72,11 @@ class GradNorms:
     """Norms of the gradients of `named_params`, grouped as `groups` (group name -> param names).
 
     `compute()` returns one float32 vector on `device`, laid out as `self.names`:
-    [global, one per parameter..., one per group...]. `step_row()` is what the training step uses:
-    the same norms and the step's other values in one vector, with every launch after the fused norm
-    pass folded into one function (compiled when `compile`: one or two kernels).
+    [global, one per parameter (when `per_param`)..., one per group...]. `step_row()` is what the
+    training step uses: the same norms and the step's other values in one vector, with every launch
+    after the fused norm pass folded into one function (compiled when `compile`: one or two kernels).
+    Every parameter's norm is computed either way (the global norm is reduced from them); `per_param`
+    decides only whether they are columns of the row.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class GradNorms:
         groups: dict[str, list[str]],
         device: torch.device,
         compile: bool = False,
+        per_param: bool = True,
     ):
         self.device = device
         self.params = [p for _, p in named_params]
@@ -90,7 +93,7 @@ class GradNorms:
         index = {n: i for i, n in enumerate(param_names)}
         self.names = (
             ["train/grad_norm"]
-            + [f"train/grad_norm/{n.removesuffix('.weight')}" for n in param_names]
+            + ([f"train/grad_norm/{n.removesuffix('.weight')}" for n in param_names] if per_param else [])
             + [f"train/grad_norm/group_{g}" for g in groups]
         )
         self.buckets = _buckets(self.params)
@@ -99,6 +102,7 @@ class GradNorms:
         self._order = tuple(position[i] for i in range(len(self.params)))  # param -> its norm's position
         self._groups = tuple(tuple(index[name] for name in members) for members in groups.values())
         self._one_device = len({p.device for p in self.params}) <= 1
+        self.per_param = per_param
         self.compile = compile  # the row function, built at its first call
         self._row_fns: dict[tuple, object] = {}
 
@@ -111,10 +115,12 @@ class GradNorms:
 
     def step_row(self, loss: torch.Tensor, max_norm: float = 0.0, scale: torch.Tensor | None = None,
                  skip_nonfinite: bool = False, spikes: SpikeDetector | None = None,
-                 skip_spikes: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 skip_spikes: bool = False, tail: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One float32 vector on the device, [loss, *norms (as `names`), nonfinite], then given the
-        GradScaler's `scale` (float16) [scale, scaler_skipped], then given `spikes` its COLUMNS; and
-        the flag a fused optimizer skips an update on (a non-finite step with `skip_nonfinite`, a
+        GradScaler's `scale` (float16) [scale, scaler_skipped], then given `spikes` its COLUMNS, then
+        `tail` flattened (more of the step's values, e.g. BDH's neuron statistics); and the flag a
+        fused optimizer skips an update on (a non-finite step with `skip_nonfinite`, a
         spike with `skip_spikes`; no scaler), else None. Clips in place when max_norm > 0. Launches:
         one fused norm pass per (device, dtype), one function for the rest, one foreach multiply per
         bucket when clipping. Never syncs."""
@@ -125,9 +131,10 @@ class GradNorms:
         key = (max_norm, scale is not None, skip_nonfinite, spike_rule)
         fn = self._row_fns.get(key)
         if fn is None:
-            fn = self._row_fns[key] = _row_function(self._order, self._groups, self.device, *key, self.compile)
+            fn = self._row_fns[key] = _row_function(self._order, self._groups, self.device, *key, self.per_param,
+                                                    self.compile)
         state = (spikes.history, spikes.count, spikes.slots) if spikes is not None else None
-        row, found_inf, coef = fn(loss.detach(), norms, scale, state)
+        row, found_inf, coef = fn(loss.detach(), norms, scale, state, tail)
         if coef is not None:
             for bucket in self.buckets:
                 grads = [self.params[i].grad for i in bucket if self.params[i].grad is not None]
@@ -137,7 +144,8 @@ class GradNorms:
 
 
 def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], device: torch.device,
-                  max_norm: float, scaled: bool, skip_nonfinite: bool, spike_rule: tuple | None, compile: bool):
+                  max_norm: float, scaled: bool, skip_nonfinite: bool, spike_rule: tuple | None, per_param: bool,
+                  compile: bool):
     """The math after the norm pass, as one function of (loss, norms in bucket order, scale): the
     per-parameter, global and group norms, the non-finite flags, the clip coefficient and the row.
     The layout is fixed here, so that compiled it is one graph whose guards never change."""
@@ -148,13 +156,13 @@ def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], d
         membership[g, list(members)] = 1.0
 
     def row(loss: torch.Tensor, norms: list[torch.Tensor], scale: torch.Tensor | None,
-            spike_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
+            spike_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, tail: torch.Tensor | None):
         loss = loss.float().reshape(1)
         if order:
-            per_param = torch.stack(norms).float()[index]  # (n_params,)
-            squared = per_param.square()
+            param_norms = torch.stack(norms).float()[index]  # (n_params,)
+            squared = param_norms.square()
             total = squared.sum().sqrt()
-            columns = [total.reshape(1), per_param, (membership @ squared).sqrt()]
+            columns = [total.reshape(1), *([param_norms] if per_param else []), (membership @ squared).sqrt()]
             grads_finite = torch.isfinite(total).reshape(1)
         else:
             total, columns, grads_finite = None, [], torch.ones_like(loss, dtype=torch.bool)
@@ -176,6 +184,8 @@ def _row_function(order: tuple[int, ...], groups: tuple[tuple[int, ...], ...], d
             if skip_spikes and not scaled:
                 skip = spike.float() if skip is None else torch.maximum(skip, spike.float())
         coef = (max_norm / (total + CLIP_EPS)).clamp(max=1.0) if max_norm > 0 and total is not None else None
+        if tail is not None:
+            extra = [*extra, tail.detach().float().flatten()]
         return torch.cat([loss, *columns, nonfinite, *extra]), skip, coef
 
     return torch.compile(row, fullgraph=True, dynamic=False) if compile else row

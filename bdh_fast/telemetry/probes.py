@@ -65,15 +65,17 @@ NEURON_NAMES = ["sparsity/x", "active_mean/x", "sparsity/y", "active_mean/y", "s
 
 class Probes:
     """The probes of `model` (the uncompiled module). The neuron statistics attach only to a BDH
-    given a probe batch `probe_x`; the norms, ratios and histograms work for any module."""
+    given a probe batch `probe_x`; the norms, ratios and histograms work for any module. With
+    `histograms` False (--metrics standard) no weight or gradient histogram is computed or logged."""
 
     def __init__(self, model: torch.nn.Module, probe_x: torch.Tensor | None, bins: int,
-                 autocast: Callable[[], contextlib.AbstractContextManager]):
+                 autocast: Callable[[], contextlib.AbstractContextManager], histograms: bool = True):
         self.model = model
         self.named = [(n.removesuffix(".weight"), p) for n, p in model.named_parameters()]
         self.params = [p for _, p in self.named]
         self.probe_x = probe_x if isinstance(model, BDH) else None  # (B, T) fixed probe batch
         self.bins = bins
+        self.histograms = histograms
         self.autocast = autocast
         self.grad_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.weights_before: list[torch.Tensor] | None = None
@@ -81,7 +83,8 @@ class Probes:
     def before_update(self) -> None:
         """Call after backward, before clipping and the optimizer step, on probe steps only:
         gradient histograms (device) and a copy of the weights for the update ratio."""
-        self.grad_stats = [tensor_stats(p.grad, self.bins) for p in self.params if p.grad is not None]
+        if self.histograms:
+            self.grad_stats = [tensor_stats(p.grad, self.bins) for p in self.params if p.grad is not None]
         self.weights_before = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -92,7 +95,7 @@ class Probes:
         if self.weights_before is not None:
             updates = torch._foreach_sub(weights, self.weights_before)
             values.append(torch.stack(torch._foreach_norm(updates)).double() / values[0].clamp(min=1e-30))
-        weight_stats = [tensor_stats(w, self.bins) for w in weights]
+        weight_stats = [tensor_stats(w, self.bins) for w in weights] if self.histograms else []
         neuron = self._neuron_stats()
         hists = weight_stats + (self.grad_stats or [])
         values += [torch.cat([s, h.double()]) for s, h in hists] + neuron
@@ -127,7 +130,7 @@ class Probes:
         if with_updates:
             metrics.update({f"model/update_ratio/{n}": v for n, v in zip(names, take(len(names)))})
         histograms: dict[str, Histogram] = {}
-        kinds = ["weights"] * len(names) + (["grads"] * len(names) if self.grad_stats else [])
+        kinds = (["weights"] * len(names) if self.histograms else []) + (["grads"] * len(names) if self.grad_stats else [])
         for kind, name in zip(kinds, names * 2):
             chunk = take(len(STATS_FIELDS) + self.bins)
             histograms[f"model/{kind}/{name}"] = Histogram.from_stats(chunk[:len(STATS_FIELDS)],

@@ -13,6 +13,13 @@ then, at their cadence, the sync points, the only places the host reads training
 (the whole window in one copy), probe(), evaluate(), log_samples(). A plain loop calls step(step)
 after its optimizer step instead of step_end and due: it records the step and runs what is due.
 
+A BDH loop also passes the model's optional statistics channel through, when `telemetry.neuron_stats`
+(the default --metrics standard and full): `logits, loss, stats = model(x, y, neuron_stats=True)`,
+then `after_backward(loss, neuron_stats=stats)`; every step's neuron sparsity per layer then goes
+into the step buffer with the rest (train/sparsity/*, train/active_mean/*).
+
+--metrics decides what is logged (config.py's help says it per level; the README's table in full).
+
 Device side: StepBuffer (buffer.py), GradNorms (grads.py), StepTimer (timer.py). Host side:
 MetricsProcessor and Console (metrics.py), the Logger (bdh_fast/logger.py) over the backends.
 Observers: Probes (probes.py, the neuron statistics for BDH only), GPUSampler (system.py), Profiler
@@ -41,6 +48,7 @@ from bdh_fast.config import RunConfig
 from bdh_fast.data import decode, encode
 from bdh_fast.errors import warn_part_off
 from bdh_fast.logger import Logger
+from bdh_fast.model import BDH, NEURON_STATS
 from bdh_fast.telemetry import quality
 from bdh_fast.telemetry.backends import parse_backends
 from bdh_fast.telemetry.buffer import StepBuffer
@@ -104,13 +112,15 @@ class Telemetry:
 
         # Device side. With --log_backend none nothing reads the norms: compute them only to clip.
         # After the fused norm pass, one function makes the step's row.
+        level = config.metrics  # basic < standard < full
         named = list(model.named_parameters()) if self.enabled or config.grad_clip > 0 else []
         if norm_groups is None:
             norm_groups = {} if optimizer is None else _named_groups(model, optimizer)
         # Compiled on CUDA only, where launches bound small steps: on a CPU the eager ops cost ~0.2 ms a
         # step and compiling them 10-30 s at start-up.
-        self.grad_norms = GradNorms(named, norm_groups if named else {}, self.device,
-                                    compile=config.compile and self.device.type == "cuda")
+        self.grad_norms = GradNorms(named, norm_groups if named and level != "basic" else {}, self.device,
+                                    compile=config.compile and self.device.type == "cuda",
+                                    per_param=level == "full")
         norm_names = self.grad_norms.names if named else []
         self.scaler_columns = dtype == "float16"  # the GradScaler's scale, and whether it skipped the step
         scaler_names = ["train/grad_scale", "train/scaler_skipped"] if self.scaler_columns else []
@@ -120,7 +130,11 @@ class Telemetry:
             self.spikes = SpikeDetector(self.device, config.spike_window, config.spike_zscore,
                                         min_history=max(2, config.spike_window // 4), loss_votes=not dist.enabled)
         spike_names = SpikeDetector.COLUMNS if self.spikes is not None else []
-        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names, *spike_names],
+        # BDH's neurons at every step, from the training forward's optional channel: the row's last columns.
+        layers = model.config.n_layer if isinstance(model, BDH) and self.enabled and level != "basic" else 0
+        self.neuron_stats = layers > 0  # does the loop pass model(..., neuron_stats=True)'s stats in?
+        neuron_names = [f"train/{stat}/layer{i}" for i in range(layers) for stat in NEURON_STATS]
+        self.buffer = StepBuffer(["train/loss", *norm_names, "nonfinite", *scaler_names, *spike_names, *neuron_names],
                                  config.log_train_freq, self.device)
         self.timer = StepTimer(self.device)
         # Is a non-finite step's update left out? Always under fp16 (the GradScaler skips it, NaN
@@ -156,8 +170,8 @@ class Telemetry:
                                  repeat=config.profile_repeat)
         self.memory_snapshot = MemorySnapshot(log_dir, self.device, config.memory_snapshot, print)
         self.probes = None
-        if config.probe_freq and self.enabled and dist.is_main:
-            self.probes = Probes(model, probe_batch, config.hist_bins, autocast)
+        if config.probe_freq and self.enabled and dist.is_main and level != "basic":
+            self.probes = Probes(model, probe_batch, config.hist_bins, autocast, histograms=level == "full")
             if cuda:
                 # Decide now whether Triton serves the probes' statistics (one self-check per dtype, a
                 # sync at start-up), not at the first probe step; a failing kernel means the reference.
@@ -189,10 +203,12 @@ class Telemetry:
             self._first_step_t0 = time.perf_counter()
         self.timer.start()
 
-    def after_backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
+    def after_backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None,
+                       neuron_stats: torch.Tensor | None = None) -> torch.Tensor | None:
         """After backward (and GradScaler.unscale_), before the optimizer step: the gradient norms,
         reduced on the device and reused to clip (--grad_clip) in place; on a probe step the
-        gradient statistics; the step's learning rate.
+        gradient statistics; the step's learning rate. neuron_stats: what BDH's forward returned
+        with neuron_stats=True (ignored unless `self.neuron_stats`; a step without it logs none).
 
         Returns the flag a fused torch.optim optimizer skips a non-finite update on, on the device
         (`optimizer.found_inf = flag`), or None when the update is not ours to skip (on_nonfinite
@@ -207,7 +223,8 @@ class Telemetry:
         with record_function("telemetry/grad_norms"):
             scale = scaler._scale if self.scaler_columns else None  # the scale this step's loss used
             row, found_inf = self.grad_norms.step_row(loss, self.config.grad_clip, scale, self.skip_nonfinite,
-                                                      self.spikes, skip_spikes=self.config.on_spike == "skip")
+                                                      self.spikes, skip_spikes=self.config.on_spike == "skip",
+                                                      tail=neuron_stats if self.neuron_stats else None)
         self._pending = row
         self._lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         return found_inf
@@ -343,7 +360,8 @@ class Telemetry:
                 merged["self_nll"] = statistics.fmean(nlls)
                 merged["unique_per_prompt"] = len(set(texts)) / len(texts)
                 per_prompt.append(merged)
-            metrics = {f"samples/{k}/p{i}": v for i, figures in enumerate(per_prompt) for k, v in figures.items()}
+            metrics = {} if self.config.metrics == "basic" else {
+                f"samples/{k}/p{i}": v for i, figures in enumerate(per_prompt) for k, v in figures.items()}
             for key in {k for figures in per_prompt for k in figures}:
                 values = [figures[key] for figures in per_prompt if key in figures]
                 metrics[f"samples/{key}"] = statistics.fmean(values)

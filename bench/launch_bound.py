@@ -160,3 +160,16 @@ def telemetry_launches() -> dict[str, Any]:
             "telemetry_launches": {"compiled": compiled, "eager": eager},
             "telemetry_launches_note": "bdh_fast.telemetry.launches: the compiled step-row function (the CLI "
                                        "on CUDA); eager: a CPU run, a plain eager loop"}
+
+
+def neuron_stats_launches(config, device: str) -> dict[str, Any]:
+    """What BDH's every-step neuron statistics add to the model's own kernels: launches of one
+    training step's forward and backward at the benchmark's configuration, with and without the
+    channel, counted (not timed) by bdh_fast.telemetry.launches."""
+    from bdh_fast.telemetry.launches import model_launches_per_step
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        counts = {on: model_launches_per_step(on, config, device, config.compile) for on in (False, True)}
+    return {"neuron_stats_model_launches": {"without": counts[False], "with": counts[True]},
+            "neuron_stats_extra_launches": counts[True] - counts[False]}
+

@@ -58,7 +58,7 @@ from common import (  # noqa: E402
     BareLoop, bench_config, bench_parser, configure_device, corpus_file, finish, interleaved, judge,
     machine_info, median, paired_pct, ratio_table, span, timed_once,
 )
-from launch_bound import telemetry_launches, writer_row  # noqa: E402
+from launch_bound import neuron_stats_launches, telemetry_launches, writer_row  # noqa: E402
 
 from bdh_fast.config import RunConfig  # noqa: E402
 from bdh_fast.errors import UserError  # noqa: E402
@@ -354,6 +354,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
     finally:
         for v in variants.values():
             v.close()
+    neuron_launches = neuron_stats_launches(config, device.type)  # counted: robust to the machine's noise
     # The full variant really logged: every step it ran reached metrics.jsonl through the Logger.
     jsonl = variants["full"].trainer.run_dir / "metrics.jsonl"
     logged = sum('"train/loss"' in line for line in jsonl.read_text().splitlines()) if jsonl.exists() else 0
@@ -395,7 +396,9 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "paired range: per-round overhead vs the bare block that ran in the same round (the noise)",
         f"neuron statistics: full vs full-neurons {neuron_pct:+.2f}% (paired {neuron_paired[0]:+.1f}.."
         f"{neuron_paired[1]:+.1f}%), {len(variants['full'].trainer.telemetry.buffer.names)} columns per step "
-        f"with them",
+        "with them; counted, the model's forward + backward launches {without:g} without and {with:g} with them ".format(
+            **neuron_launches["neuron_stats_model_launches"])
+        + ("(compiled: inductor kernels)" if config.compile else "(eager: aten ops)"),
         "direct measure, robust to machine noise: the telemetry's own record_function ranges in a profiled "
         f"window of full take {sum(ranges_ms.values()):.3f} ms/step on the training thread ("
         + ", ".join(f"{k} {v:.3f}" for k, v in ranges_ms.items())
@@ -410,7 +413,7 @@ def run(args, config: RunConfig, device: torch.device, data_path: pathlib.Path, 
         "bare_ms": ms["bare"], "full_ms": ms["full"], "naive_ms": ms["naive"],
         "full_overhead_pct": pct["full"], "naive_overhead_pct": pct["naive"], "paired_range_pct": paired,
         "full_neurons_ms": ms["full-neurons"], "neuron_stats_overhead_pct": neuron_pct,
-        "neuron_stats_paired_range_pct": neuron_paired,
+        "neuron_stats_paired_range_pct": neuron_paired, **neuron_launches,
         "log_freq": config.log_freq, "verdict_full": judged["full"]["verdict"],
         "verdict_naive": judged["naive"]["verdict"],
         "compile_s": first_s["bare"] if config.compile else None, "first_step_s": first_s,

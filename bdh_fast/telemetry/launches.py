@@ -75,16 +75,15 @@ def telemetry_launches_per_step(device: str | None = None, compile: bool | None 
     available, compiled on CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bdh_fast.config import RunConfig
     from bdh_fast.model import BDH
     from bdh_fast.optim import PARAM_GROUPS, make_optimizer
     from bdh_fast.telemetry.seam import Telemetry
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile = dev.type == "cuda" if compile is None else compile
-    config = RunConfig(preset="tiny", device=dev.type, compile=compile, grad_clip=grad_clip, eval_freq=0,
-                       generate_freq=0, probe_freq=0, progress=False, nvml_interval=0.0, log_backend="jsonl",
-                       log_train_freq=4 * steps, log_freq=4 * steps, max_iters=4 * steps)
+    config = _tiny(dev, compile=compile, grad_clip=grad_clip, eval_freq=0, generate_freq=0, probe_freq=0,
+                   progress=False, nvml_interval=0.0, log_backend="jsonl", log_train_freq=4 * steps,
+                   log_freq=4 * steps, max_iters=4 * steps)
     torch.manual_seed(0)
     model = BDH(config.model_config()).to(dev)
     optimizer = make_optimizer(model, config, dev)
@@ -96,9 +95,9 @@ def telemetry_launches_per_step(device: str | None = None, compile: bool | None 
 
         def step(i: int) -> None:
             telemetry.step_start(i)
-            _, loss = model(x, x)
+            _, loss, stats = model(x, x, neuron_stats=True)  # as the Trainer's step: BDH's channel on
             loss.backward()
-            found_inf = telemetry.after_backward(loss)
+            found_inf = telemetry.after_backward(loss, neuron_stats=stats)
             if found_inf is not None:
                 optimizer.found_inf = found_inf
             optimizer.step()
@@ -113,6 +112,48 @@ def telemetry_launches_per_step(device: str | None = None, compile: bool | None 
         telemetry.close()
     return {"launches_per_step": count_launches(prof.events()) / steps, "device": dev.type, "compiled": compile,
             "grad_clip": grad_clip, "optimizer_groups": len(optimizer.param_groups), "steps": steps}
+
+
+def model_launches_per_step(neuron_stats: bool, config=None, device: str | None = None,
+                            compile: bool | None = None, steps: int = 2) -> float:
+    """Launches of BDH's forward and backward per training step, with or without the model's
+    neuron-statistics channel: the difference is what the every-step statistics add to the model's
+    own kernels (0 when inductor fuses their reductions into the kernels that produce x_s, y_s and
+    x_s * y_s). `config`: a RunConfig (default: the tiny preset); its batch and block sizes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bdh_fast.model import BDH
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compile = dev.type == "cuda" if compile is None else compile
+    config = config or _tiny(dev)
+    torch.manual_seed(0)
+    model = BDH(config.model_config()).to(dev)
+    run = torch.compile(model, dynamic=False) if compile else model
+    x = torch.randint(0, config.vocab_size, (config.batch_size, config.block_size), device=dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+
+    def step() -> None:
+        with record_function("model"):
+            out = run(x, x, neuron_stats=True) if neuron_stats else run(x, x)
+            out[1].backward()
+        model.zero_grad(set_to_none=True)
+
+    with _kernel_profile(compile):
+        step()  # compile and warm up outside the profile
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+    return count_launches(prof.events(), ("model",)) / steps
+
+
+def _tiny(device: torch.device, **fields):
+    """The tiny preset's RunConfig, as `--preset tiny` resolves it (RunConfig(preset=...) alone keeps
+    the dataclass defaults, the reference sizes)."""
+    from bdh_fast.config import resolve
+
+    return resolve({"preset": "tiny", "device": device.type, "run_name": "launches", **fields},
+                   cuda_available=torch.cuda.is_available())
 
 
 @contextlib.contextmanager

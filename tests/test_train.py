@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bdh_fast import train
+from bdh_fast import flags, train
 from bdh_fast.config import RunConfig, resolve
 from bdh_fast.optim import lr_lambda
 
@@ -145,14 +145,26 @@ def test_resume_of_a_run_that_never_started_starts_it(corpus, tmp_path, capsys):
 
 def test_cpu_default_is_the_small_preset_announced_first():
     config = resolve({}, cuda_available=False)
-    assert (config.preset, config.n_layer, config.n_embd, config.n_head, config.mlp_mult) == ("small", 4, 128, 4, 16)
-    assert (config.batch_size, config.block_size) == (16, 128)
+    assert (config.preset, config.n_layer, config.n_embd, config.n_head, config.mlp_mult) == ("small", 3, 128, 4, 8)
+    assert (config.batch_size, config.block_size, config.max_iters, config.lr_schedule) == (8, 128, 3600, "linear")
     ref = resolve({}, cuda_available=True)
     assert (ref.preset, ref.n_layer, ref.n_embd, ref.mlp_mult, ref.batch_size, ref.block_size,
             ref.max_iters, ref.lr, ref.weight_decay, ref.dropout) == \
         ("reference", 6, 256, 128, 32, 512, 3000, 1e-3, 0.1, 0.1)
     explicit = resolve({"n_layer": 3, "batch_size": 4}, cuda_available=False)
     assert explicit.n_layer == 3 and explicit.batch_size == 4 and explicit.n_embd == 128
+    explicit = resolve({"n_layer": 5}, cuda_available=False)
+    assert explicit.n_layer == 5 and explicit.max_iters == 3600
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    auto, cpu = RunConfig(), torch.device("cpu")
+    assert isinstance(flags.cpu_has_native_bf16(), bool)  # the real probe answers on any torch
+    monkeypatch.setattr(flags, "cpu_has_native_bf16", lambda: True)
+    assert flags.pick_dtype(auto, cpu) == "bfloat16"
+    monkeypatch.setattr(flags, "cpu_has_native_bf16", lambda: False)
+    assert flags.pick_dtype(auto, cpu) == "float32"  # emulated bf16 is slower than float32
+    assert flags.pick_dtype(RunConfig(dtype="bfloat16"), cpu) == "bfloat16"  # an explicit choice stands
 
 
 def test_lr_schedules():

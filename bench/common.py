@@ -277,8 +277,9 @@ def bench_parser(doc: str, quick: str, *, preset: bool = True, dtype: bool = Tru
         p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                        help="model and batch preset (default: small on CPU, reference on CUDA)")
     if dtype:
-        p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                       help="autocast dtype (auto: bfloat16 on a CUDA GPU or a CPU that computes it natively, else float32)")
+        dtype_field = RunConfig.__dataclass_fields__["dtype"]  # the train CLI's flag: same choices, same help
+        p.add_argument("--dtype", choices=dtype_field.metadata["choices"], default="auto",
+                       help=dtype_field.metadata["help"])
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="train the torch.compile'd model (--no-compile: eager)")
